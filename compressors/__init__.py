@@ -1,0 +1,66 @@
+"""The compressor registry and every compressor; the wire format; error feedback.
+
+>>> from compressors import available
+>>> available()
+['ef_signsgd', 'fedbat', 'none', 'qsgd', 'signsgd', 'topk']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from compressors import fedbat, none, qsgd, signsgd, topk  # noqa: F401  (registration)
+from compressors.base import Compressor, Fields, TrainingHook
+from compressors.memory import ErrorFeedback
+from compressors.packet import Packet, TensorSpec, wire_plan
+from compressors.registry import COMPRESSORS, register
+from compressors.update import decode_update, encode_update
+from fedbat.errors import ConfigError
+
+__all__ = [
+    "COMPRESSORS",
+    "Compressor",
+    "ErrorFeedback",
+    "Fields",
+    "Packet",
+    "TensorSpec",
+    "TrainingHook",
+    "available",
+    "build",
+    "build_pair",
+    "decode_update",
+    "encode_update",
+    "register",
+    "wire_plan",
+]
+
+
+def available() -> list[str]:
+    """The registered compressor names."""
+    return COMPRESSORS.available()
+
+
+def build(spec: str | Mapping[str, Any], key: str = "compressor") -> Compressor:
+    """A compressor from a name or a ``{name: ..., **params}`` mapping."""
+    if isinstance(spec, str):
+        return COMPRESSORS.get(spec, key=key)
+    params = {k: v for k, v in dict(spec).items() if k not in ("uplink", "downlink")}
+    if "name" not in params:
+        raise ConfigError(f"{key}: missing 'name' (available: {', '.join(available())})")
+    return COMPRESSORS.get(params.pop("name"), key=key, **params)
+
+
+def build_pair(cfg: Mapping[str, Any]) -> tuple[Compressor, Compressor]:
+    """(uplink, downlink) from the ``compressor`` config group: the group's compressor serves
+    both directions unless ``uplink`` / ``downlink`` name another (a name or a mapping).
+
+    >>> build_pair({"name": "fedbat", "rho": 6.0, "downlink": "none"})
+    (FedBAT(name='fedbat', error_feedback=True), NoCompression(name='none', error_feedback=False))
+    """
+    main = build(cfg)
+    out = []
+    for direction in ("uplink", "downlink"):
+        override = cfg.get(direction)
+        out.append(main if override is None else build(override, key=f"compressor.{direction}"))
+    return out[0], out[1]

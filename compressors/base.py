@@ -1,0 +1,85 @@
+"""The compressor interface: pure per-tensor ``encode``/``decode`` and an optional hook into
+local training. State (error-feedback residuals) is kept apart, in ``compressors.memory``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from fedbat.errors import ConfigError, PacketError
+
+Fields = dict[str, torch.Tensor]
+
+
+class TrainingHook(Protocol):
+    """What a compressor that takes part in local training returns from ``training_hook``."""
+
+    def after_step(self, step: int) -> None:
+        """Called after local optimizer step ``step`` (0-based)."""
+
+    def finalize(self) -> dict[str, Fields]:
+        """Detach from the model (weights as they were received) and return the uplink fields
+        of every tensor the hook owns."""
+
+
+class Compressor:
+    """Base class. Subclasses implement :meth:`encode` and :meth:`decode` on CPU tensors."""
+
+    name: str = "?"
+    lossless: ClassVar[bool] = False
+
+    def __init__(self, error_feedback: bool = False) -> None:
+        self.error_feedback = bool(error_feedback)
+
+    def encode(self, x: torch.Tensor, generator: torch.Generator) -> Fields:
+        """fp32 tensor -> the compact tensors that travel (fields)."""
+        raise NotImplementedError
+
+    def decode(self, fields: Fields, shape: torch.Size) -> torch.Tensor:
+        """Fields -> fp32 tensor of ``shape``; raises PacketError on malformed fields."""
+        raise NotImplementedError
+
+    def training_hook(
+        self, model: nn.Module, names: list[str], total_steps: int
+    ) -> TrainingHook | None:
+        """Attach to local training of ``model``'s tensors ``names``; post-hoc compressors
+        return None."""
+        return None
+
+    def stats(self, fields: Fields) -> dict[str, float]:
+        """Per-tensor figures worth logging (e.g. FedBAT's learned step size)."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, error_feedback={self.error_feedback})"
+
+
+def expect(fields: Fields, key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """Fetch field ``key`` and check its dtype, size, rank and finiteness."""
+    t = fields.get(key)
+    if t is None:
+        raise PacketError(f"missing field {key!r} (have {sorted(fields)})")
+    if t.dtype != dtype:
+        raise PacketError(f"field {key!r}: dtype {t.dtype}, expected {dtype}")
+    if t.dim() != 1 or t.numel() != numel:
+        raise PacketError(f"field {key!r}: shape {tuple(t.shape)}, expected ({numel},)")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise PacketError(f"field {key!r}: non-finite values")
+    return t
+
+
+def check_range(
+    key: str, value: float, low: float, high: float, low_open: bool = False, integer: bool = False
+) -> None:
+    """Raise ConfigError unless ``low <(=) value <= high`` (and an integer when asked)."""
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok_type:
+        raise ConfigError(
+            f"{key}={value!r}: must be {kind} in {'(' if low_open else '['}{low}, {high}]"
+        )
+    if value < low or (low_open and value == low) or value > high:
+        raise ConfigError(f"{key}={value!r}: must be in {'(' if low_open else '['}{low}, {high}]")

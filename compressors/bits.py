@@ -1,0 +1,72 @@
+"""Bit packing shared by every compressor: the only place bits become bytes.
+
+Layout: bits are packed most-significant-bit first (``numpy.packbits`` order), the last
+byte zero-padded. A b-bit unsigned integer is written as its b bits, most significant first,
+one integer after another.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedbat.errors import PacketError
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Booleans -> uint8 bytes, 8 per byte, MSB first.
+
+    >>> pack_bits(torch.tensor([1, 0, 0, 0, 0, 0, 0, 1, 1], dtype=torch.bool))
+    tensor([129, 128], dtype=torch.uint8)
+    """
+    flat = bits.detach().reshape(-1).to(torch.bool).cpu().numpy()
+    return torch.from_numpy(np.packbits(flat))
+
+
+def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """uint8 bytes -> ``count`` booleans (inverse of :func:`pack_bits`)."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (count + 7) // 8:
+        raise PacketError(
+            f"packed bits: expected {(count + 7) // 8} uint8 bytes, got {tuple(packed.shape)} "
+            f"{packed.dtype}"
+        )
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=count).astype(bool))
+
+
+def pack_uint(values: torch.Tensor, width: int) -> torch.Tensor:
+    """Unsigned integers < 2**width -> ``width`` bits each, packed.
+
+    >>> pack_uint(torch.tensor([3, 0, 1, 2]), 2)
+    tensor([198], dtype=torch.uint8)
+    """
+    v = values.reshape(-1).to(torch.int64).cpu().numpy()
+    shifts = np.arange(width - 1, -1, -1, dtype=np.int64)
+    bits = ((v[:, None] >> shifts) & 1).astype(bool)
+    return torch.from_numpy(np.packbits(bits.reshape(-1)))
+
+
+def unpack_uint(packed: torch.Tensor, width: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_uint` for ``count`` integers."""
+    bits = unpack_bits(packed, count * width).numpy().reshape(count, width).astype(np.int64)
+    return torch.from_numpy(bits @ (1 << np.arange(width - 1, -1, -1, dtype=np.int64)))
+
+
+def encode_scaled_signs(bits: torch.Tensor, scale: torch.Tensor | float) -> dict[str, torch.Tensor]:
+    """The 1-bit wire format: a bit per element (1 -> +scale, 0 -> -scale), one fp32 scale."""
+    return {
+        "signs": pack_bits(bits),
+        "scale": torch.as_tensor(scale, dtype=torch.float32).reshape(1).cpu(),
+    }
+
+
+def decode_scaled_signs(fields: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`encode_scaled_signs`, validating the fields."""
+    from compressors.base import expect
+
+    n = int(np.prod(shape))
+    signs = expect(fields, "signs", torch.uint8, (n + 7) // 8)
+    scale = expect(fields, "scale", torch.float32, 1)
+    if scale.item() < 0:
+        raise PacketError(f"scale: must be >= 0, got {scale.item()}")
+    b = unpack_bits(signs, n).to(torch.float32)
+    return (scale * (2 * b - 1)).reshape(shape)

@@ -1,0 +1,156 @@
+"""``fedbat``: Federated Binarization-Aware Training (ICML 2024), as in DESIGN.md.
+
+Uplink: during local training every compressed weight ``w`` (frozen) is used as ``w + U``
+where the client learns an update ``m`` and a step parameter ``s``:
+``alpha = clamp(alpha0 * exp(rho * s), 5e-4, 5e-2)``; for the first ``phi`` of the local
+steps ``U = m``, then (``alpha0 = mean|m|`` at the switch) ``U = S(m, alpha)``, the
+stochastic binarization below with its custom gradients. The client sends the sign bits of
+a final draw of ``S`` and ``alpha``: 1 bit per element + one fp32 per layer.
+
+Downlink (and any post-hoc use): ``S(x, mean|x|)`` on the server update, with server
+error feedback by default.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from compressors.base import Compressor, Fields, check_range
+from compressors.bits import decode_scaled_signs, encode_scaled_signs
+from compressors.registry import register
+
+ALPHA_MIN, ALPHA_MAX = 5e-4, 5e-2
+
+
+def binarize(m: torch.Tensor, alpha: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """b = clamp(floor((m / alpha + 1) / 2 + u), 0, 1): stochastic rounding to {0, 1}.
+
+    >>> binarize(torch.tensor([-1.0, 0.0, 1.0]), torch.tensor(0.5), torch.tensor([0.9, 0.4, 0.0]))
+    tensor([0., 0., 1.])
+    """
+    return torch.clamp(torch.floor((m / alpha + 1) / 2 + u), 0, 1)
+
+
+class ScaledBinarize(torch.autograd.Function):
+    """S(m, alpha) = alpha (2b - 1) with FedBAT's gradients.
+
+    dS/dm = 1 where |m| <= alpha else 0; dS/dalpha = +1 (m > alpha), -1 (m < -alpha),
+    (2b - 1) - m / alpha inside, summed over the layer.
+    """
+
+    @staticmethod
+    def forward(ctx, m: torch.Tensor, alpha: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        b = binarize(m, alpha, u)
+        ctx.save_for_backward(m, alpha, b)
+        return alpha * (2 * b - 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        m, alpha, b = ctx.saved_tensors
+        grad_m = grad * (m.abs() <= alpha)
+        d_alpha = torch.where(
+            m > alpha,
+            torch.ones_like(m),
+            torch.where(m < -alpha, -torch.ones_like(m), (2 * b - 1) - m / alpha),
+        )
+        return grad_m, (grad * d_alpha).sum().reshape(alpha.shape), None
+
+
+class LearnedBinarization(nn.Module):
+    """The parametrization ``w -> w + U(m, s)`` attached to one weight."""
+
+    def __init__(self, weight: torch.Tensor, rho: float) -> None:
+        super().__init__()
+        self.m = nn.Parameter(torch.zeros_like(weight))
+        self.s = nn.Parameter(torch.zeros((), device=weight.device))
+        self.register_buffer("alpha0", torch.zeros((), device=weight.device))
+        self.rho = rho
+        self.binarizing = False
+
+    def alpha(self) -> torch.Tensor:
+        return torch.clamp(self.alpha0 * torch.exp(self.rho * self.s), ALPHA_MIN, ALPHA_MAX)
+
+    def start_binarizing(self) -> None:
+        self.alpha0.fill_(self.m.detach().abs().mean())
+        self.binarizing = True
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.binarizing:
+            return w + self.m
+        return w + ScaledBinarize.apply(self.m, self.alpha(), torch.rand_like(self.m))
+
+
+class FedBATHook:
+    """Attaches :class:`LearnedBinarization` to the named weights of any module."""
+
+    def __init__(
+        self, model: nn.Module, names: list[str], total_steps: int, rho: float, phi: float
+    ) -> None:
+        self.model, self.names = model, names
+        self.switch_step = int(phi * total_steps)
+        self.layers: dict[str, LearnedBinarization] = {}
+        for name in names:
+            module, attr = _owner(model, name)
+            weight = getattr(module, attr)
+            weight.requires_grad_(False)
+            layer = LearnedBinarization(weight.detach(), rho)
+            parametrize.register_parametrization(module, attr, layer)
+            self.layers[name] = layer
+        if self.switch_step == 0:
+            self._switch()
+
+    def _switch(self) -> None:
+        for layer in self.layers.values():
+            layer.start_binarizing()
+
+    def after_step(self, step: int) -> None:
+        if step + 1 == self.switch_step:
+            self._switch()
+
+    @torch.no_grad()
+    def finalize(self) -> dict[str, Fields]:
+        out: dict[str, Fields] = {}
+        for name, layer in self.layers.items():
+            if not layer.binarizing:
+                layer.start_binarizing()
+            alpha = layer.alpha()
+            b = binarize(layer.m, alpha, torch.rand_like(layer.m))
+            out[name] = encode_scaled_signs(b.bool(), alpha)
+            module, attr = _owner(self.model, name)
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+            getattr(module, attr).requires_grad_(True)
+        return out
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), attr
+
+
+@register("fedbat")
+class FedBAT(Compressor):
+    """Learned 1-bit updates with per-layer learned step sizes (FedBAT)."""
+
+    def __init__(self, rho: float = 6.0, phi: float = 0.5, error_feedback: bool = True) -> None:
+        super().__init__(error_feedback)
+        check_range("rho", rho, 0.0, 100.0)
+        check_range("phi", phi, 0.0, 1.0)
+        self.rho, self.phi = float(rho), float(phi)
+
+    def training_hook(self, model: nn.Module, names: list[str], total_steps: int) -> FedBATHook:
+        return FedBATHook(model, names, total_steps, self.rho, self.phi)
+
+    def encode(self, x: torch.Tensor, generator: torch.Generator) -> Fields:
+        x = x.detach().to(torch.float32).cpu()
+        alpha = x.abs().mean().clamp_min(torch.finfo(torch.float32).tiny)
+        return encode_scaled_signs(
+            binarize(x, alpha, torch.rand(x.shape, generator=generator)).bool(), alpha
+        )
+
+    def decode(self, fields: Fields, shape: torch.Size) -> torch.Tensor:
+        return decode_scaled_signs(fields, shape)
+
+    def stats(self, fields: Fields) -> dict[str, float]:
+        return {"alpha": float(fields["scale"][0])}

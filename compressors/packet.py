@@ -1,0 +1,123 @@
+"""The wire format: a model update as real bytes (safetensors container, never pickle).
+
+Layout (version 1)
+------------------
+A safetensors file whose tensors are named ``"<tensor name>/<field>"``:
+
+* compressed tensors carry their compressor's fields (e.g. ``conv.weight/signs`` uint8,
+  ``conv.weight/scale`` fp32 [1]);
+* every other tensor (BatchNorm affine and running statistics, biases, small tensors)
+  travels as ``"<tensor name>/raw"`` in its own dtype (fp32, or int64 for counters).
+
+Header metadata: ``format = "fedbat.packet"``, ``version = "1"``, ``compressor = <name>``.
+The receiver trusts nothing from the packet: names, dtypes and sizes are checked against the
+receiver's own :class:`TensorSpec` plan.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from compressors.base import Compressor, Fields
+from fedbat.errors import PacketError
+
+FORMAT, VERSION = "fedbat.packet", "1"
+COMPRESSIBLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of the model's state: how it travels."""
+
+    name: str
+    shape: torch.Size
+    dtype: torch.dtype
+    compressed: bool
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def wire_plan(model: nn.Module, min_numel: int = 100) -> list[TensorSpec]:
+    """The compression policy: conv/linear weights with >= ``min_numel`` elements are
+    compressed; everything else in the state dict (BN, biases, small tensors) is raw."""
+    compressible = {
+        f"{mod_name}.weight" if mod_name else "weight"
+        for mod_name, mod in model.named_modules()
+        if isinstance(mod, COMPRESSIBLE) and mod.weight.numel() >= min_numel
+    }
+    return [
+        TensorSpec(name, t.shape, t.dtype, name in compressible)
+        for name, t in model.state_dict().items()
+    ]
+
+
+def max_packet_bytes(plan: list[TensorSpec]) -> int:
+    """A packet is never larger than the raw model plus a generous header allowance."""
+    return sum(s.numel * 8 for s in plan) + 1_000_000
+
+
+@dataclass(frozen=True)
+class Packet:
+    """An encoded update: the bytes that travel and the fields they hold."""
+
+    data: bytes
+    payload_bits: int
+
+    @property
+    def bits(self) -> int:
+        return 8 * len(self.data)
+
+
+def pack(fields: dict[str, Fields], compressor: Compressor) -> Packet:
+    """Serialise ``{tensor name: fields}`` into one packet."""
+    flat = {
+        f"{name}/{key}": t.contiguous().cpu()
+        for name, fs in fields.items()
+        for key, t in fs.items()
+    }
+    meta = {"format": FORMAT, "version": VERSION, "compressor": compressor.name}
+    payload = sum(t.numel() * t.element_size() * 8 for t in flat.values())
+    return Packet(st_save(flat, metadata=meta), payload)
+
+
+def unpack(data: bytes, plan: list[TensorSpec], compressor: Compressor) -> dict[str, Fields]:
+    """Parse and check the container: size, header, format version, compressor, names."""
+    if len(data) > max_packet_bytes(plan):
+        raise PacketError(f"packet of {len(data)} bytes exceeds the {max_packet_bytes(plan)} limit")
+    try:
+        flat = st_load(bytes(data))
+        meta = _metadata(data)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as err:
+        raise PacketError(f"unreadable packet: {err}") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise PacketError(
+            f"unsupported packet format {meta.get('format')!r} v{meta.get('version')!r}"
+        )
+    if meta.get("compressor") != compressor.name:
+        raise PacketError(
+            f"packet compressor {meta.get('compressor')!r}, expected {compressor.name!r}"
+        )
+    fields: dict[str, Fields] = {s.name: {} for s in plan}
+    for key, t in flat.items():
+        name, _, field = key.rpartition("/")
+        if name not in fields:
+            raise PacketError(f"unexpected tensor {name!r} in packet")
+        fields[name][field] = t
+    return fields
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    import json
+
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    return header.get("__metadata__", {}) or {}

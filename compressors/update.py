@@ -1,0 +1,69 @@
+"""Encoding a whole model update into a packet and decoding it back, for one direction.
+
+This is where the policy (which tensors are compressed), the compressor's math, error
+feedback and the wire format meet; both the clients (uplink) and the server (downlink) use it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compressors.base import Compressor, Fields, expect
+from compressors.memory import ErrorFeedback
+from compressors.packet import Packet, TensorSpec, pack, unpack
+from fedbat.errors import PacketError
+
+
+def encode_update(
+    update: dict[str, torch.Tensor],
+    plan: list[TensorSpec],
+    compressor: Compressor,
+    generator: torch.Generator,
+    memory: ErrorFeedback | None = None,
+    holder: str | int = "server",
+    preencoded: dict[str, Fields] | None = None,
+) -> Packet:
+    """``update`` (CPU tensors by name) -> packet. ``preencoded`` fields (from a training
+    hook) are used as they are; ``memory`` applies error feedback to compressed tensors."""
+    preencoded = preencoded or {}
+    fields: dict[str, Fields] = {}
+    for spec in plan:
+        if spec.name in preencoded:
+            fields[spec.name] = preencoded[spec.name]
+        elif spec.compressed:
+            x = update[spec.name].to(torch.float32)
+            if memory is not None:
+                x = memory.compensate(holder, spec.name, x)
+            fields[spec.name] = compressor.encode(x, generator)
+            if memory is not None:
+                memory.update(
+                    holder, spec.name, x, compressor.decode(fields[spec.name], spec.shape)
+                )
+        else:
+            fields[spec.name] = {"raw": update[spec.name].detach().reshape(-1).to(spec.dtype)}
+    return pack(fields, compressor)
+
+
+def decode_update(
+    data: bytes, plan: list[TensorSpec], compressor: Compressor
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Packet bytes -> (update by tensor name, per-tensor stats). Raises PacketError on
+    anything malformed or non-finite: the caller rejects the packet."""
+    fields = unpack(data, plan, compressor)
+    update: dict[str, torch.Tensor] = {}
+    stats: dict[str, float] = {}
+    for spec in plan:
+        fs = fields[spec.name]
+        try:
+            if spec.compressed:
+                update[spec.name] = compressor.decode(fs, spec.shape)
+                stats.update({f"{k}/{spec.name}": v for k, v in compressor.stats(fs).items()})
+            else:
+                if set(fs) != {"raw"}:
+                    raise PacketError(f"fields {sorted(fs)}, expected ['raw']")
+                update[spec.name] = expect(fs, "raw", spec.dtype, spec.numel).reshape(spec.shape)
+        except PacketError as err:
+            raise PacketError(f"{spec.name}: {err}") from None
+        if not bool(torch.isfinite(update[spec.name].float()).all()):
+            raise PacketError(f"{spec.name}: non-finite update")
+    return update, stats

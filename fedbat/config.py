@@ -1,0 +1,103 @@
+"""Validation of a whole run config before any work starts, and the resume compatibility
+check. Every failure is a ConfigError naming the key, the bad value and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from compressors import build_pair
+from compressors.base import check_range
+from datamodules import PARTITIONERS, READERS
+from fedbat.errors import ConfigError
+from fedbat.models import MODELS
+
+BIG = 10**9
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
+ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
+# Keys that do not change the results of a run: they may differ when a run is resumed.
+RESUME_FREE = (
+    "trainer",
+    "logger",
+    "resume",
+    "run_dir",
+    "progress",
+    "fed.rounds",
+    "checkpoint",
+    "target_acc",
+)
+
+
+def _choice(key: str, value: Any, allowed: Any) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(str, allowed))}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first invalid value (names, ranges, types)."""
+    d, f = cfg.data, cfg.fed
+    _choice("data.name", d.name, READERS)
+    _choice("data.partition", d.partition, PARTITIONERS)
+    _choice("model.name", cfg.model.name, MODELS)
+    check_range("seed", cfg.seed, 0, 2**32 - 1, integer=True)
+    check_range("data.num_clients", d.num_clients, 1, 10**6, integer=True)
+    check_range("data.alpha", d.alpha, 0.0, BIG, low_open=True)
+    check_range("data.classes_per_client", d.classes_per_client, 1, 10**5, integer=True)
+    check_range("fed.rounds", f.rounds, 1, BIG, integer=True)
+    check_range("fed.clients_per_round", f.clients_per_round, 1, d.num_clients, integer=True)
+    check_range("fed.local_epochs", f.local_epochs, 1, 10**4, integer=True)
+    check_range("fed.batch_size", f.batch_size, 1, 10**6, integer=True)
+    check_range("fed.lr", f.lr, 0.0, 100.0, low_open=True)
+    check_range("fed.momentum", f.momentum, 0.0, 0.999)
+    check_range("fed.weight_decay", f.weight_decay, 0.0, 1.0)
+    check_range("fed.server_lr", f.server_lr, 0.0, 100.0, low_open=True)
+    check_range("fed.server_momentum", f.server_momentum, 0.0, 0.999)
+    check_range("fed.eval_every", f.eval_every, 1, BIG, integer=True)
+    check_range("policy.min_numel", cfg.policy.min_numel, 0, BIG, integer=True)
+    check_range("checkpoint.every", cfg.checkpoint.every, 1, BIG, integer=True)
+    if cfg.get("target_acc") is not None:
+        check_range("target_acc", cfg.target_acc, 0.0, 1.0)
+    t = cfg.trainer
+    _choice("trainer.precision", str(t.precision), PRECISIONS)
+    _choice("trainer.accelerator", t.accelerator, ACCELERATORS)
+    if t.devices != "auto":
+        check_range("trainer.devices", t.devices, 1, 4096, integer=True)
+    check_range("trainer.num_nodes", t.num_nodes, 1, 10**5, integer=True)
+    if t.get("threads") is not None:
+        check_range("trainer.threads", t.threads, 1, 1024, integer=True)
+    w = cfg.logger.get("wandb")
+    if w and w.get("mode") is not None:
+        _choice("logger.wandb.mode", w.mode, ("online", "offline", "disabled"))
+    if (
+        cfg.resume not in ("auto", False, None, "false", "never")
+        and not Path(str(cfg.resume)).is_file()
+    ):
+        raise ConfigError(
+            f"resume={cfg.resume!r}: no such checkpoint file (use auto, false or a path)"
+        )
+    build_pair(OmegaConf.to_container(cfg.compressor, resolve=True))  # type: ignore[arg-type]
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out |= _flatten(v, f"{prefix}{k}.")
+        return out
+    return {prefix[:-1]: node}
+
+
+def check_resumable(cfg: DictConfig, saved_yaml: str, path: Path) -> None:
+    """A checkpoint resumes only the run that wrote it: every result-affecting key agrees."""
+    now = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    before = _flatten(OmegaConf.to_container(OmegaConf.create(saved_yaml), resolve=True))
+    for key in sorted(set(now) | set(before)):
+        if any(key == free or key.startswith(free + ".") for free in RESUME_FREE):
+            continue
+        if now.get(key) != before.get(key):
+            raise ConfigError(
+                f"{key}={now.get(key)!r}: the checkpoint {path} was written with "
+                f"{key}={before.get(key)!r}; use another run_dir, or resume=false to start over"
+            )

@@ -1,0 +1,60 @@
+"""Moving client results between processes: the real packet bytes, gathered to every rank.
+
+Each rank serialises its clients' results into one safetensors blob (packets as uint8
+tensors, error-feedback residuals as fp32, facts in the header), the blobs are padded to a
+common length and all-gathered, and every rank parses all of them. With one process this is
+the identity.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from lightning.fabric import Fabric
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from fedbat.client import ClientResult
+
+
+def serialise(results: list[ClientResult]) -> bytes:
+    tensors: dict[str, torch.Tensor] = {}
+    facts = []
+    for r in results:
+        tensors[f"{r.client}/packet"] = (
+            torch.frombuffer(bytearray(r.data), dtype=torch.uint8)
+            if r.data
+            else torch.zeros(0, dtype=torch.uint8)
+        )
+        for key, t in r.residuals.items():
+            tensors[f"{r.client}/residual/{key}"] = t.contiguous()
+        facts.append([r.client, r.payload_bits, r.num_samples, r.train_loss, r.compress_s])
+    return st_save(tensors, metadata={"facts": json.dumps(facts)})
+
+
+def deserialise(blob: bytes) -> list[ClientResult]:
+    tensors = st_load(blob)
+    header = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])
+    out = []
+    for client, payload, n, loss, secs in json.loads(header["__metadata__"]["facts"]):
+        prefix = f"{client}/residual/"
+        residuals = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        data = tensors[f"{client}/packet"].numpy().tobytes()
+        out.append(ClientResult(client, data, payload, n, loss, secs, residuals))
+    return out
+
+
+def gather(fabric: Fabric, results: list[ClientResult]) -> list[ClientResult]:
+    """Every rank's results, on every rank, sorted by client id."""
+    if fabric.world_size == 1:
+        return sorted(results, key=lambda r: r.client)
+    blob = torch.frombuffer(bytearray(serialise(results)), dtype=torch.uint8)
+    sizes = fabric.all_gather(torch.tensor([blob.numel()], device=fabric.device)).reshape(-1)
+    padded = torch.zeros(int(sizes.max()), dtype=torch.uint8)
+    padded[: blob.numel()] = blob
+    gathered = fabric.all_gather(padded.to(fabric.device)).cpu()
+    merged = []
+    for rank, size in enumerate(sizes.tolist()):
+        merged += deserialise(gathered[rank, :size].numpy().tobytes())
+    return sorted(merged, key=lambda r: r.client)

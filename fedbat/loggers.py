@@ -1,0 +1,70 @@
+"""Loggers glue: CSV always, TensorBoard and Weights & Biases on request; one metrics dict
+goes to all of them through Fabric."""
+
+from __future__ import annotations
+
+import netrc
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric.loggers import CSVLogger, Logger, TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+
+def wandb_credentials() -> bool:
+    """True when W&B could log in without a prompt (API key in env or netrc)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode(requested: str | None) -> str:
+    """The explicit mode, else WANDB_MODE, else online with credentials and offline without:
+    a run never stops at an interactive login prompt."""
+    if requested:
+        return requested
+    return os.environ.get("WANDB_MODE") or ("online" if wandb_credentials() else "offline")
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, wandb_id: str | None) -> list[Logger]:
+    """CSV (metrics.csv in ``run_dir``; rebuilt from the checkpoint history on resume)."""
+    lcfg = cfg.logger
+    warnings.filterwarnings("ignore", message="Experiment logs directory")
+    loggers: list[Logger] = [
+        CSVLogger(str(run_dir), name="", version="", flush_logs_every_n_steps=1)
+    ]
+    if lcfg.get("tensorboard"):
+        loggers.append(TensorBoardLogger(str(run_dir), name="", version="tensorboard"))
+    if lcfg.get("wandb"):
+        loggers.append(_wandb_logger(cfg, run_dir, wandb_id))
+    return loggers
+
+
+def _wandb_logger(cfg: DictConfig, run_dir: Path, wandb_id: str | None) -> Logger:
+    from lightning.pytorch.loggers import WandbLogger
+
+    w = cfg.logger.wandb
+    config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    logger = WandbLogger(
+        project=w.project,
+        entity=w.get("entity"),
+        group=w.get("group"),
+        tags=list(w.get("tags") or []),
+        name=w.get("name"),
+        save_dir=str(run_dir),
+        id=wandb_id,
+        resume="allow",
+        mode=wandb_mode(w.get("mode")),
+        config=config,
+    )
+    exp = logger.experiment
+    exp.define_metric("round")
+    exp.define_metric("bits/uplink_cum")
+    exp.define_metric("*", step_metric="round")
+    exp.define_metric("test/acc", step_metric="round", summary="max,last")
+    return logger

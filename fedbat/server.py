@@ -1,0 +1,136 @@
+"""The server: aggregation of decoded client updates and the downlink broadcast
+(DESIGN.md steps 6-7). Every rank runs it identically, so all ranks hold the same model."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from compressors import Compressor, ErrorFeedback, Packet, TensorSpec, decode_update, encode_update
+from fedbat.client import ClientResult
+from fedbat.errors import PacketError
+from fedbat.seeding import DOWNLINK, generator
+
+
+@dataclass
+class Aggregate:
+    """The outcome of one round's aggregation."""
+
+    accepted: list[int] = field(default_factory=list)
+    rejected: dict[int, str] = field(default_factory=dict)
+    train_loss: float = float("nan")
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class Server:
+    """Holds the global model, the weights the clients hold (``w_hat``), the server optimizer
+    and the downlink error-feedback residual."""
+
+    def __init__(
+        self,
+        task: nn.Module,
+        plan: list[TensorSpec],
+        uplink: Compressor,
+        downlink: Compressor,
+        lr: float = 1.0,
+        momentum: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        self.model = copy.deepcopy(task).cpu().requires_grad_(False)
+        self.params = dict(self.model.named_parameters())
+        self.plan, self.uplink, self.downlink, self.seed = plan, uplink, downlink, seed
+        self.optimizer = torch.optim.SGD(self.params.values(), lr=lr, momentum=momentum)
+        self.held = self.global_state()
+        self.previous = self.held  # the global model as of the last broadcast
+        self.memory = ErrorFeedback() if downlink.error_feedback and not downlink.lossless else None
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def aggregate(self, results: list[ClientResult]) -> Aggregate:
+        """Decode and validate every packet in client-id order; apply the weighted mean."""
+        out = Aggregate()
+        updates, weights, losses = [], [], []
+        for res in sorted(results, key=lambda r: r.client):
+            if not res.ok:
+                out.rejected[res.client] = f"non-finite local training (loss {res.train_loss})"
+                continue
+            try:
+                update, stats = decode_update(res.data, self.plan, self.uplink)
+            except PacketError as err:
+                out.rejected[res.client] = str(err)
+                continue
+            out.accepted.append(res.client)
+            updates.append(update)
+            weights.append(res.num_samples)
+            losses.append(res.train_loss)
+            for k, v in stats.items():
+                out.stats[k] = out.stats.get(k, 0.0) + v
+        if not updates:
+            return out
+        total = float(sum(weights))
+        out.train_loss = sum(w * loss for w, loss in zip(weights, losses, strict=True)) / total
+        out.stats = {k: v / len(updates) for k, v in out.stats.items()}
+        self._apply({s.name: _weighted_mean(updates, weights, total, s.name) for s in self.plan})
+        return out
+
+    @torch.no_grad()
+    def _apply(self, mean: dict[str, torch.Tensor]) -> None:
+        """Server optimizer step with gradient = -mean update (lr 1, no momentum: FedAvg);
+        buffers (BN statistics, counters) take the mean update directly."""
+        self.optimizer.zero_grad(set_to_none=False)
+        for name, p in self.params.items():
+            p.grad = -mean[name].to(p.dtype)
+        self.optimizer.step()
+        for name, buf in self.model.named_buffers():
+            if name in mean:
+                delta = mean[name]
+                buf += delta.round().to(buf.dtype) if not buf.is_floating_point() else delta
+
+    def broadcast(self, round_idx: int) -> Packet:
+        """Encode the round's server update with the downlink compressor; ``w_hat`` advances
+        by what the clients decode (exactly the global model when the downlink is lossless).
+
+        With error feedback the residual carried to the next broadcast is what compression
+        dropped, so ``w_hat`` tracks the global model; without it ``w_hat`` drifts away.
+        """
+        state = self.global_state()
+        delta = {k: state[k] - self.previous[k] for k in state}
+        self.previous = state
+        gen = generator(self.seed, round_idx, DOWNLINK)
+        packet = encode_update(delta, self.plan, self.downlink, gen, self.memory, "server")
+        if self.downlink.lossless:
+            self.held = state
+        else:
+            decoded, _ = decode_update(packet.data, self.plan, self.downlink)
+            self.held = {k: self.held[k] + decoded[k].to(self.held[k].dtype) for k in self.held}
+        return packet
+
+    def state_dict(self) -> dict:
+        return {
+            "global": self.global_state(),
+            "held": self.held,
+            "previous": self.previous,
+            "optimizer": self.optimizer.state_dict(),
+            "memory": self.memory.state_dict() if self.memory is not None else {},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["global"])
+        self.held = state["held"]
+        self.previous = state["previous"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.memory is not None:
+            self.memory = ErrorFeedback(state["memory"])
+
+
+def _weighted_mean(
+    updates: list[dict[str, torch.Tensor]], weights: list[int], total: float, name: str
+) -> torch.Tensor:
+    acc = torch.zeros(updates[0][name].shape, dtype=torch.float64)
+    for update, w in zip(updates, weights, strict=True):
+        acc += (w / total) * update[name].to(torch.float64)
+    return acc.to(torch.float32)
