@@ -73,7 +73,7 @@ def prevalidate(overrides: list[str]) -> str | None:
     except ConfigError as err:
         return str(err)
     except (HydraException, OmegaConfBaseException) as err:
-        return " ".join(str(err).split())
+        return " ".join(str(err).split("Config search path")[0].split())
     return None
 
 

@@ -1,0 +1,34 @@
+"""Shared helpers: compose real configs the way ``fedbat train`` does, in a tmp run dir."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from omegaconf import DictConfig, open_dict
+
+from fedbat.cli import compose
+
+FMNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+needs_fmnist = pytest.mark.skipif(
+    not (FMNIST_ROOT / "train-images-idx3-ubyte.gz").is_file() and not os.environ.get("CI"),
+    reason="FMNIST not installed (apt-get install dataset-fashion-mnist); required in CI",
+)
+
+
+def make_cfg(run_dir: Path, *overrides: str) -> DictConfig:
+    """The composed config for ``overrides`` with small, fast defaults for tests."""
+    base = ["fed.rounds=3", "progress=false"]
+    cfg = compose([*base, *overrides])
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def _offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test may reach the network: W&B always offline, its files in the test's tmp dir."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")

@@ -1,0 +1,75 @@
+"""The ``fedbat`` command as users run it: real subprocesses, real exit codes."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedbat.cli import main
+
+
+def fedbat(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fedbat.cli", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_train_with_overrides_writes_metrics(tmp_path):
+    out = fedbat(
+        "train", "fed.rounds=2", "data.partition=dirichlet", "data.alpha=0.5",
+        "compressor=fedbat", "compressor.downlink=none", cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "round 2/2" in out.stdout and "acc" in out.stdout  # plain progress lines off a tty
+    (run_dir,) = (tmp_path / "runs").glob("digits_mlp_fedbat/*")
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["round"] for r in rows] == ["0", "1"]
+    cfg = (run_dir / "config.yaml").read_text()
+    assert "partition: dirichlet" in cfg and "downlink: none" in cfg
+
+
+def test_cfg_job_prints_resolved_config(tmp_path):
+    out = fedbat("train", "--cfg", "job", "data=fmnist", "model=cnn4", "compressor=topk",
+                 cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "name: fmnist" in out.stdout and "ratio: 0.01" in out.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_list_shows_registries(capsys):
+    assert main(["list"]) == 0
+    text = capsys.readouterr().out
+    for name in ("fedbat", "topk", "qsgd", "ef_signsgd", "fmnist", "digits", "cnn4", "dirichlet"):
+        assert name in text
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["data=imagenet"], "Could not find 'data/imagenet'"),
+        (["data.name=imagenet"], "data.name='imagenet'"),
+        (["model.name=vgg"], "model.name='vgg'"),
+        (["compressor=zip"], "Could not find 'compressor/zip'"),
+    ],
+)
+def test_unknown_names_fail_in_one_line(args, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_dataset_exits_2_with_one_line(tmp_path):
+    out = fedbat("train", "data=cifar10", f"data.root={tmp_path / 'none'}", cwd=tmp_path)
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "files not found" in lines[0] and "Traceback" not in out.stderr
+
+
+def test_unknown_command():
+    assert main(["trian"]) == 2

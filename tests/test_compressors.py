@@ -1,0 +1,197 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import compressors as C
+from compressors.bits import pack_bits, pack_uint, unpack_bits, unpack_uint
+from fedbat.errors import ConfigError, PacketError
+from fedbat.models import build as build_model
+
+LOSSY = ["fedbat", "topk", "qsgd", "signsgd", "ef_signsgd"]
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_pack_bits_layout_matches_numpy_msb_first():
+    bits = torch.rand(1001, generator=gen()) < 0.5
+    packed = pack_bits(bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == 126
+    assert np.array_equal(packed.numpy(), np.packbits(bits.numpy()))
+    assert pack_bits(torch.tensor([True] + [False] * 7)).item() == 0b1000_0000
+    assert torch.equal(unpack_bits(packed, 1001), bits)
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 4, 7, 12])
+def test_pack_uint_roundtrip(width):
+    v = torch.randint(0, 2**width, (333,), generator=gen())
+    packed = pack_uint(v, width)
+    assert packed.numel() == math.ceil(333 * width / 8)
+    assert torch.equal(unpack_uint(packed, width, 333), v)
+
+
+def test_none_is_lossless_fp32():
+    c = C.build("none")
+    x = torch.randn(10, 7)
+    fields = c.encode(x, gen())
+    assert fields["values"].dtype == torch.float32
+    assert torch.equal(c.decode(fields, x.shape), x)
+
+
+def test_signsgd_exact_layout_and_scale():
+    c = C.build("signsgd")
+    x = torch.tensor([0.5, -1.0, 2.0, -0.5, 0.0, 1.0, -3.0, 4.0, -1.0])
+    f = c.encode(x, gen())
+    assert f["signs"].tolist() == [0b10101101, 0b00000000]
+    assert f["scale"].item() == pytest.approx(x.abs().mean().item())
+    dec = c.decode(f, x.shape)
+    assert torch.equal(dec.sign(), torch.where(x >= 0, 1.0, -1.0))
+
+
+@pytest.mark.parametrize("ratio,layout", [(0.01, "indices"), (0.2, "bitmap")])
+def test_topk_keeps_largest_in_cheapest_layout(ratio, layout):
+    c = C.build({"name": "topk", "ratio": ratio})
+    x = torch.randn(1000, generator=gen())
+    f = c.encode(x, gen())
+    assert layout in f
+    dec = c.decode(f, x.shape)
+    k = math.ceil(ratio * 1000)
+    kept = dec != 0
+    assert int(kept.sum()) == k
+    assert torch.equal(dec[kept], x[kept])
+    assert x[~kept].abs().max() <= x[kept].abs().min()
+
+
+def test_qsgd_bits_and_unbiasedness():
+    c = C.build({"name": "qsgd", "levels": 4, "bucket_size": 64})
+    x = torch.randn(300, generator=gen())
+    f = c.encode(x, gen())
+    assert c.width == 4 and f["levels"].numel() == math.ceil(300 * 4 / 8)
+    assert f["norms"].numel() == math.ceil(300 / 64)
+    g = gen(1)
+    mean = torch.stack([c.decode(c.encode(x, g), x.shape) for _ in range(4000)]).mean(0)
+    # per-element std of one draw <= norm/s ~ 2; over 4000 draws the mean's std is ~0.03
+    assert (mean - x).abs().max() < 0.15
+    assert (mean - x).abs().mean() < 0.03
+
+
+def test_error_feedback_state_survives_rounds():
+    c = C.build("ef_signsgd")
+    plan = [C.TensorSpec("w", torch.Size([64]), torch.float32, True)]
+    ef = C.ErrorFeedback()
+    x = torch.randn(64, generator=gen())
+    sent = torch.zeros(64)
+    for _ in range(50):  # with error feedback the sum of what was sent tracks the sum of x
+        p = C.encode_update({"w": x}, plan, c, gen(), ef, holder=7)
+        sent += C.decode_update(p.data, plan, c)[0]["w"]
+    assert set(ef.residuals) == {"7/w"}
+    assert (sent / 50 - x).abs().mean() < 0.1  # signsgd alone stays off by mean |x - scale|
+    assert torch.allclose(sent + ef.residuals["7/w"], 50 * x, atol=1e-4)
+
+
+def test_cnn4_payload_bits_match_the_issue():
+    """cnn4/FMNIST: 389,920 weights in 5 tensors + 960 BN affine + 960 BN stats + 4 int64."""
+    model = build_model("cnn4", (1, 28, 28), 10)
+    plan = C.wire_plan(model, min_numel=100)
+    compressed = [s for s in plan if s.compressed]
+    assert len(compressed) == 5 and sum(s.numel for s in compressed) == 389_920
+    update = {k: torch.randn(v.shape).to(v.dtype) for k, v in model.state_dict().items()}
+    none = C.encode_update(update, plan, C.build("none"), gen())
+    fedbat = C.encode_update(update, plan, C.build("fedbat"), gen())
+    assert none.payload_bits == 12_539_136
+    assert fedbat.payload_bits == 451_776
+    assert none.payload_bits / fedbat.payload_bits == pytest.approx(27.75, abs=0.01)
+    assert fedbat.bits == 8 * len(fedbat.data) > fedbat.payload_bits  # container overhead counted
+
+
+@pytest.mark.parametrize("name", C.available())
+def test_every_compressor_roundtrips_through_bytes(name):
+    model = build_model("cnn", (1, 8, 8), 10)
+    plan = C.wire_plan(model)
+    comp = C.build(name)
+    update = {k: torch.randn(v.shape).to(v.dtype) for k, v in model.state_dict().items()}
+    packet = C.encode_update(update, plan, comp, gen())
+    decoded, _ = C.decode_update(packet.data, plan, comp)
+    for spec in plan:
+        assert decoded[spec.name].shape == spec.shape
+        if not spec.compressed or comp.lossless:
+            assert torch.equal(decoded[spec.name], update[spec.name])
+
+
+def _fedbat_packet():
+    model = build_model("cnn", (1, 8, 8), 10)
+    plan = C.wire_plan(model)
+    comp = C.build("fedbat")
+    update = {k: torch.randn(v.shape).to(v.dtype) for k, v in model.state_dict().items()}
+    return plan, comp, update
+
+
+def _repack(plan, comp, update, mutate):
+    from compressors.packet import pack
+
+    name = next(s.name for s in plan if s.compressed)
+    fields = {s.name: {"raw": update[s.name].reshape(-1)} for s in plan}
+    fields[name] = comp.encode(update[name], gen())
+    mutate(fields[name])
+    return pack(fields, comp).data
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda f: f.update(scale=torch.tensor([float("nan")])), "non-finite"),
+        (lambda f: f.update(scale=torch.tensor([float("inf")])), "non-finite"),
+        (lambda f: f.update(scale=torch.tensor([1.0], dtype=torch.float64)), "dtype"),
+        (lambda f: f.update(signs=f["signs"][:-1]), "shape"),
+        (lambda f: f.update(signs=f["signs"].reshape(1, -1)), "shape"),
+        (lambda f: f.pop("scale"), "missing field"),
+    ],
+)
+def test_malformed_packets_raise_clear_errors(mutate, match):
+    plan, comp, update = _fedbat_packet()
+    with pytest.raises(PacketError, match=match):
+        C.decode_update(_repack(plan, comp, update, mutate), plan, comp)
+
+
+def test_truncated_and_foreign_packets_rejected():
+    plan, comp, update = _fedbat_packet()
+    data = C.encode_update(update, plan, comp, gen()).data
+    with pytest.raises(PacketError):
+        C.decode_update(data[: len(data) // 2], plan, comp)
+    with pytest.raises(PacketError, match="compressor"):
+        C.decode_update(data, plan, C.build("signsgd"))
+    with pytest.raises(PacketError, match="exceeds"):
+        C.decode_update(data + bytes(C.packet.max_packet_bytes(plan)), plan, comp)
+
+
+def test_registry_unknown_name_lists_all():
+    with pytest.raises(ConfigError, match="compressor='tpok'.*available: ef_signsgd, fedbat"):
+        C.build("tpok")
+
+
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ({"name": "topk", "ratio": 1.5}, r"compressor\.ratio=1\.5.*\(0\.0, 1\.0\]"),
+        ({"name": "topk", "ratio": "big"}, r"compressor\.ratio='big'"),
+        ({"name": "qsgd", "levels": 0}, r"compressor\.levels=0"),
+        ({"name": "fedbat", "phi": 2}, r"compressor\.phi=2"),
+        ({"name": "fedbat", "rho": -1}, r"compressor\.rho=-1"),
+        ({"name": "signsgd", "ratio": 0.1}, r"compressor\.ratio: not a parameter"),
+    ],
+)
+def test_parameters_validated(spec, match):
+    with pytest.raises(ConfigError, match=match):
+        C.build(spec)
+
+
+def test_direction_overrides():
+    up, down = C.build_pair({"name": "topk", "ratio": 0.05, "uplink": None, "downlink": "none"})
+    assert (up.name, up.ratio, down.name) == ("topk", 0.05, "none")
+    up, down = C.build_pair({"name": "none", "downlink": {"name": "qsgd", "levels": 2}})
+    assert down.levels == 2 and up.name == "none"
+    with pytest.raises(ConfigError, match=r"compressor\.downlink='nope'"):
+        C.build_pair({"name": "none", "downlink": "nope"})
