@@ -13,14 +13,22 @@ from fedbat.cli import main
 def fedbat(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "fedbat.cli", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=300,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
 def test_train_with_overrides_writes_metrics(tmp_path):
     out = fedbat(
-        "train", "fed.rounds=2", "data.partition=dirichlet", "data.alpha=0.5",
-        "compressor=fedbat", "compressor.downlink=none", cwd=tmp_path,
+        "train",
+        "fed.rounds=2",
+        "data.partition=dirichlet",
+        "data.alpha=0.5",
+        "compressor=fedbat",
+        "compressor.downlink=none",
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
     assert "round 2/2" in out.stdout and "acc" in out.stdout  # plain progress lines off a tty
@@ -33,8 +41,9 @@ def test_train_with_overrides_writes_metrics(tmp_path):
 
 
 def test_cfg_job_prints_resolved_config(tmp_path):
-    out = fedbat("train", "--cfg", "job", "data=fmnist", "model=cnn4", "compressor=topk",
-                 cwd=tmp_path)
+    out = fedbat(
+        "train", "--cfg", "job", "data=fmnist", "model=cnn4", "compressor=topk", cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr
     assert "name: fmnist" in out.stdout and "ratio: 0.01" in out.stdout
     assert not (tmp_path / "runs").exists()

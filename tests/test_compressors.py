@@ -168,7 +168,7 @@ def test_truncated_and_foreign_packets_rejected():
 
 
 def test_registry_unknown_name_lists_all():
-    with pytest.raises(ConfigError, match="compressor='tpok'.*available: ef_signsgd, fedbat"):
+    with pytest.raises(ConfigError, match=r"compressor='tpok'.*available: ef_signsgd, fedbat"):
         C.build("tpok")
 
 

@@ -44,13 +44,14 @@ def test_missing_fmnist_names_the_debian_package(tmp_path, monkeypatch):
 
 
 def test_unknown_dataset_lists_available():
-    with pytest.raises(ConfigError, match="available: .*digits.*fmnist"):
+    with pytest.raises(ConfigError, match=r"available: .*digits.*fmnist"):
         load("imagenet")
 
 
 def test_client_batches_are_seeded_and_cover_client():
     dm = FederatedDataModule("digits", num_clients=5, partition="dirichlet", seed=0)
     dm.setup()
+
     def epoch(seed: int) -> list[torch.Tensor]:
         g = torch.Generator().manual_seed(seed)
         return [y for _, y in dm.client_batches(2, 16, g, torch.device("cpu"))]

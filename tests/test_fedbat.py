@@ -97,7 +97,9 @@ def test_phi_zero_binarizes_from_the_first_step():
     model = Odd()
     hook = C.build({"name": "fedbat", "phi": 0.0}).training_hook(model, ["head.weight"], 4)
     assert hook.layers["head.weight"].binarizing
-    assert hook.layers["head.weight"].alpha().item() == pytest.approx(ALPHA_MIN)  # mean|m| = 0 -> clamp
+    assert hook.layers["head.weight"].alpha().item() == pytest.approx(
+        ALPHA_MIN
+    )  # mean|m| = 0 -> clamp
     hook.finalize()
 
 

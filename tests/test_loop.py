@@ -29,8 +29,17 @@ def test_digits_loss_falls_and_accuracy_rises(tmp_path):
     loss = [float(x["train/loss"]) for x in r]
     assert loss[-1] < loss[0] * 0.6 and acc[-1] > acc[0] + 0.1 and acc[-1] > 0.85
     assert summary["final_acc"] == pytest.approx(acc[-1])
-    for key in ("round", "test/acc", "test/loss", "train/loss", "bits/uplink", "bits/downlink",
-                "bits/uplink_cum", "bits/downlink_cum", "time/round_s"):
+    for key in (
+        "round",
+        "test/acc",
+        "test/loss",
+        "train/loss",
+        "bits/uplink",
+        "bits/downlink",
+        "bits/uplink_cum",
+        "bits/downlink_cum",
+        "time/round_s",
+    ):
         assert key in r[0]
 
 

@@ -1,0 +1,86 @@
+"""Reduced reproduction of the FedBAT paper's FMNIST table on this machine.
+
+FMNIST, cnn4, 100 clients, 10 per round, batch 64, lr 0.1, iid and Dirichlet 0.3, a reduced
+budget (default 20 rounds x 2 local epochs): every compressor on the uplink with the
+downlink uncompressed, then fedbat on both directions. Writes a markdown table and
+accuracy-vs-round / accuracy-vs-uplink-bits plots. Runs resume from their checkpoints, so
+an interrupted reproduction continues where it stopped.
+
+    python benchmarks/reproduce.py --out benchmarks/out/reproduce --table docs/results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+from omegaconf import open_dict
+
+from fedbat.cli import compose
+from fedbat.loop import run
+from fedbat.plot import plot_runs, read_metrics
+
+UPLINK_ONLY = ["none", "fedbat", "topk", "qsgd", "signsgd", "ef_signsgd"]
+
+
+def runs(rounds: int, epochs: int) -> list[tuple[str, str, list[str]]]:
+    """(partition label, run name, overrides) for every run of the table."""
+    out = []
+    for part, extra in (
+        ("iid", ["data.partition=iid"]),
+        ("dirichlet 0.3", ["data.partition=dirichlet", "data.alpha=0.3"]),
+    ):
+        base = [
+            "data=fmnist",
+            "model=cnn4",
+            "data.num_clients=100",
+            "fed.clients_per_round=10",
+            "fed.batch_size=64",
+            "fed.lr=0.1",
+            f"fed.rounds={rounds}",
+            f"fed.local_epochs={epochs}",
+            "progress=false",
+            *extra,
+        ]
+        for c in UPLINK_ONLY:
+            out.append(
+                (part, f"{c} / none", [*base, f"compressor={c}", "compressor.downlink=none"])
+            )
+        out.append((part, "fedbat / fedbat", [*base, "compressor=fedbat"]))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/out/reproduce"))
+    p.add_argument("--table", type=Path, default=Path("docs/results.md"))
+    args = p.parse_args()
+    header = "| partition | uplink / downlink | final acc | best acc | uplink bits | downlink bits"
+    lines = [header + " | s/round |", "|---|---|---|---|---|---|---|"]
+    by_part: dict[str, list[Path]] = {}
+    for part, name, overrides in runs(args.rounds, args.epochs):
+        run_dir = args.out / part.split()[0] / name.replace(" / ", "__")
+        cfg = compose(overrides)
+        with open_dict(cfg):
+            cfg.run_dir = str(run_dir)
+        summary = run(cfg)
+        secs = statistics.median(r["time/round_s"] for r in read_metrics(run_dir))
+        lines.append(
+            f"| {part} | {name} | {summary['final_acc']:.4f} | {summary['best_acc']:.4f} | "
+            f"{summary['bits_uplink_total']:.3e} | {summary['bits_downlink_total']:.3e} | "
+            f"{secs:.2f} |"
+        )
+        by_part.setdefault(part.split()[0], []).append(run_dir)
+        print(lines[-1], flush=True)
+    for part, dirs in by_part.items():
+        plot_runs(dirs, args.out / part)
+    args.table.parent.mkdir(parents=True, exist_ok=True)
+    args.table.write_text("\n".join(lines) + "\n")
+    print(f"table: {args.table}; plots: {args.out}/*/acc_vs_*.png")
+
+
+if __name__ == "__main__":
+    main()
