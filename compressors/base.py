@@ -66,7 +66,7 @@ def expect(fields: Fields, key: str, dtype: torch.dtype, numel: int) -> torch.Te
         raise PacketError(f"field {key!r}: dtype {t.dtype}, expected {dtype}")
     if t.dim() != 1 or t.numel() != numel:
         raise PacketError(f"field {key!r}: shape {tuple(t.shape)}, expected ({numel},)")
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and not all_finite(t):
         raise PacketError(f"field {key!r}: non-finite values")
     return t
 
@@ -83,3 +83,10 @@ def check_range(
         )
     if value < low or (low_open and value == low) or value > high:
         raise ConfigError(f"{key}={value!r}: must be in {'(' if low_open else '['}{low}, {high}]")
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when every element is finite. A NaN or inf anywhere makes the sum non-finite, and
+    the sum is several times faster than ``isfinite().all()``; sums that overflow (values
+    near 1e38) are rejected too, which no sane update has."""
+    return bool(torch.isfinite(t.sum()))

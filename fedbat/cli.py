@@ -86,7 +86,17 @@ def train(args: list[str]) -> int:
 
     # Lightning's DDP launcher re-runs sys.argv[0] for extra processes: make that the app.
     sys.argv = [train_module.__file__, *args]
-    train_module.hydra_main()
+    try:
+        train_module.hydra_main()
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (fedbat.loop.Interrupted)
+        print(
+            f"fedbat: interrupted ({stop or 'SIGINT'}); the last completed round's "
+            "checkpoint is intact: rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 143 if str(stop).startswith("signal") else 130
+    except SystemExit as exit_:  # a ConfigError found once the data is loaded: code 2
+        return int(exit_.code or 0)
     return 0
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from compressors import Compressor, ErrorFeedback, TensorSpec, encode_update
+from compressors.base import all_finite
 from datamodules import FederatedDataModule
 from fedbat.seeding import derive_seed, generator
 
@@ -88,9 +89,7 @@ def train_client(
     train_loss = float(loss_sum) / max(step, 1)
     state = task.state_dict()
     update = {k: (state[k].detach().cpu() - held[k]) for k in held}
-    if not math.isfinite(train_loss) or not all(
-        bool(torch.isfinite(u.float()).all()) for u in update.values()
-    ):
+    if not math.isfinite(train_loss) or not all(all_finite(u.float()) for u in update.values()):
         return ClientResult(client, b"", 0, n, train_loss, 0.0, {})
     packet = encode_update(update, plan, uplink, generator(seed), memory, client, preencoded)
     residuals = memory.of(client) if memory is not None else {}

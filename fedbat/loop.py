@@ -94,6 +94,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         bits = BitCounter(**resume_state["bits"])
         history, start = resume_state["history"], resume_state["round"]
         wandb_id = resume_state.get("wandb_id") or None
+        fabric.print(f"resuming {run_dir} after round {start} of {f.rounds}")
     is_zero = fabric.global_rank == 0
     if is_zero:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from compressors import Compressor, ErrorFeedback, Packet, TensorSpec, decode_update, encode_update
+from compressors.base import all_finite
 from fedbat.client import ClientResult
 from fedbat.errors import PacketError
 from fedbat.seeding import DOWNLINK, generator
@@ -74,7 +75,12 @@ class Server:
         total = float(sum(weights))
         out.train_loss = sum(w * loss for w, loss in zip(weights, losses, strict=True)) / total
         out.stats = {k: v / len(updates) for k, v in out.stats.items()}
+        before = self.global_state()
         self._apply({s.name: _weighted_mean(updates, weights, total, s.name) for s in self.plan})
+        if not all(all_finite(v.float()) for v in self.model.state_dict().values()):
+            self.model.load_state_dict(before)  # the global model never becomes non-finite
+            out.rejected |= dict.fromkeys(out.accepted, "the aggregate overflowed")
+            out.accepted = []
         return out
 
     @torch.no_grad()

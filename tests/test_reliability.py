@@ -1,0 +1,236 @@
+"""Resume after SIGKILL, validated configs, untrusted packets, clean interrupts."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import compressors as C
+from compressors.packet import pack, unpack
+from fedbat import checkpoint
+from fedbat.cli import main
+from fedbat.client import LocalTraining, train_client
+from fedbat.loop import build_datamodule, build_task, run
+from fedbat.server import Server
+from tests.conftest import make_cfg
+
+SLOW = ["model=cnn", "fed.local_epochs=4", "compressor=ef_signsgd"]  # ~0.3 s/round, with state
+
+
+def cli(run_dir: Path, *args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "fedbat.cli",
+        "train",
+        f"hydra.run.dir={run_dir}",
+        "progress=true",
+        *args,
+    ]
+
+
+def metric_rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv") as f:
+        return [
+            {k: v for k, v in r.items() if not k.startswith("time/")} for r in csv.DictReader(f)
+        ]
+
+
+def wait_for_rows(run_dir: Path, n: int, proc: subprocess.Popen, limit: float = 120) -> None:
+    end = time.time() + limit
+    while time.time() < end and proc.poll() is None:
+        if (run_dir / "metrics.csv").is_file() and len(metric_rows(run_dir)) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {n} rounds: {proc.poll()} {proc.stderr and proc.stderr.read()}")
+
+
+def test_sigkill_mid_round_then_rerun_equals_uninterrupted(tmp_path):
+    args = [*SLOW, "fed.rounds=10"]
+    whole = tmp_path / "whole"
+    assert subprocess.run(cli(whole, *args), capture_output=True).returncode == 0
+    broken = tmp_path / "broken"
+    proc = subprocess.Popen(cli(broken, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_rows(broken, 3, proc)
+    time.sleep(0.1)  # well inside a later round's local training
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = checkpoint.load(broken / "checkpoint.pt")["round"]
+    assert 3 <= done < 10
+    again = subprocess.run(cli(broken, *args), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming {broken} after round {done}" in again.stdout + again.stderr
+    assert metric_rows(broken) == metric_rows(whole)
+    a = checkpoint.load(whole / "checkpoint.pt")
+    b = checkpoint.load(broken / "checkpoint.pt")
+    for part in ("global", "held"):
+        for k, v in a["server"][part].items():
+            assert torch.equal(v, b["server"][part][k]), k
+    assert a["uplink_memory"].keys() == b["uplink_memory"].keys()
+    assert all(torch.equal(v, b["uplink_memory"][k]) for k, v in a["uplink_memory"].items())
+
+
+def test_sigterm_exits_nonzero_with_intact_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        cli(run_dir, *SLOW, "fed.rounds=200"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_rows(run_dir, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "interrupted" in err and "Traceback" not in err
+    state = checkpoint.load(run_dir / "checkpoint.pt")
+    assert state["round"] >= 2 and len(metric_rows(run_dir)) >= state["round"]
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    run(make_cfg(tmp_path, "fed.rounds=2"))
+    with pytest.raises(Exception, match=r"fed\.lr=0\.05.*written with fed\.lr=0\.1"):
+        run(make_cfg(tmp_path, "fed.rounds=3", "fed.lr=0.05"))
+    extended = run(make_cfg(tmp_path, "fed.rounds=4"))  # more rounds of the same run is fine
+    assert extended["rounds"] == 4
+    assert extended == run(make_cfg(tmp_path / "fresh", "fed.rounds=4"))
+
+
+BAD_CONFIGS = [
+    (["compressor=zip"], "compressor/zip"),
+    (["data.name=imagenet"], "data.name='imagenet'"),
+    (["model.name=vgg"], "model.name='vgg'"),
+    (["data.partition=shards"], "data.partition='shards'"),
+    (["logger=slack"], "logger/slack"),
+    (["compressor=topk", "compressor.ratio=1.5"], "compressor.ratio=1.5"),
+    (["compressor=topk", "compressor.ratio=0"], "compressor.ratio=0"),
+    (["compressor=qsgd", "compressor.levels=0"], "compressor.levels=0"),
+    (["compressor=fedbat", "compressor.rho=-1"], "compressor.rho=-1"),
+    (["compressor=fedbat", "compressor.phi=1.5"], "compressor.phi=1.5"),
+    (["compressor.downlink=nope"], "compressor.downlink='nope'"),
+    (["fed.lr=0"], "fed.lr=0"),
+    (["fed.lr=-0.1"], "fed.lr=-0.1"),
+    (["fed.rounds=0"], "fed.rounds=0"),
+    (["fed.rounds=abc"], "fed.rounds='abc'"),
+    (["fed.clients_per_round=50"], "fed.clients_per_round=50"),
+    (["data.alpha=0"], "data.alpha=0"),
+    (["data.alpha=-1"], "data.alpha=-1"),
+    (["fed.batch_size=0"], "fed.batch_size=0"),
+    (["fed.local_epochs=1.5"], "fed.local_epochs=1.5"),
+    (["fed.momentum=1.5"], "fed.momentum=1.5"),
+    (["trainer.precision=8"], "trainer.precision='8'"),
+    (["fed.roundz=3"], "fed.roundz"),
+    (["resume=/nonexistent/ckpt.pt"], "resume='/nonexistent/ckpt.pt'"),
+    (["logger=wandb", "logger.wandb.mode=sometimes"], "logger.wandb.mode='sometimes'"),
+    (["data.partition=label_count", "data.classes_per_client=11"], "classes_per_client=11"),
+    (["data=cifar10", "data.root=/nonexistent"], "cifar10"),
+]
+
+
+@pytest.fixture(scope="module")
+def existing_run(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
+    run_dir = tmp_path_factory.mktemp("existing")
+    run(make_cfg(run_dir, "fed.rounds=1"))
+    return run_dir, {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("overrides,needle", BAD_CONFIGS, ids=[" ".join(o) for o, _ in BAD_CONFIGS])
+def test_bad_config_one_line_exit_2_run_dir_untouched(overrides, needle, existing_run, capsys):
+    run_dir, before = existing_run
+    code = main(["train", f"hydra.run.dir={run_dir}", "progress=false", *overrides])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+def _round_results(tmp_path: Path, n: int = 4):
+    cfg = make_cfg(tmp_path, "compressor=fedbat", "model=cnn")
+    dm = build_datamodule(cfg)
+    task = build_task(cfg, dm)
+    plan = C.wire_plan(task)
+    up, down = C.build_pair({"name": "fedbat", "downlink": "none"})
+    server = Server(task, plan, up, down)
+    local = LocalTraining(1, 32, 0, torch.device("cpu"))
+    results = [train_client(task, server.held, dm, c, 0, local, plan, up, None) for c in range(n)]
+    return server, results
+
+
+def _flip(data: bytes, index: int) -> bytes:
+    b = bytearray(data)
+    b[index] ^= 0xFF
+    return bytes(b)
+
+
+def test_fuzzed_packets_rejected_round_completes(tmp_path):
+    server, results = _round_results(tmp_path, 6)
+    good = results[0].data
+    header = int.from_bytes(good[:8], "little")
+    fields = unpack(good, server.plan, server.uplink)
+    raw = next(s.name for s in server.plan if not s.compressed and s.dtype == torch.float32)
+    fields[raw]["raw"] = fields[raw]["raw"].clone()
+    fields[raw]["raw"][0] = float("nan")
+    nan_packet = pack(fields, server.uplink).data
+    corrupt = {
+        1: good[: len(good) // 3],  # truncated
+        2: _flip(good, 8 + header // 2),  # bit-flipped header
+        3: nan_packet,  # NaN value in an fp32 tensor
+        4: good + bytes(10_000_000),  # oversized
+        5: b"\x00" * 64,  # garbage
+    }
+    for i, data in corrupt.items():
+        results[i].data = data
+    before = server.global_state()
+    agg = server.aggregate(results)
+    assert agg.accepted == [results[0].client]
+    assert sorted(agg.rejected) == sorted(results[i].client for i in corrupt)
+    state = server.global_state()
+    assert all(bool(torch.isfinite(v.float()).all()) for v in state.values())
+    assert any(not torch.equal(state[k], before[k]) for k in state)  # the good client counted
+
+
+def test_random_bit_flips_never_make_global_non_finite(tmp_path):
+    server, results = _round_results(tmp_path, 2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        data = bytearray(results[0].data)
+        for i in torch.randint(0, len(data), (3,), generator=g).tolist():
+            data[i] ^= 1 << int(torch.randint(0, 8, (1,), generator=g))
+        results[1].data = bytes(data)
+        server.aggregate(results)
+        assert all(bool(torch.isfinite(v.float()).all()) for v in server.global_state().values())
+
+
+def test_wrong_shape_packet_rejected(tmp_path):
+    server, results = _round_results(tmp_path, 2)
+    other = C.wire_plan(
+        build_task(make_cfg(tmp_path, "model=mlp"), build_datamodule(make_cfg(tmp_path)))
+    )
+    update = {s.name: torch.zeros(s.shape, dtype=s.dtype) for s in other}
+    results[1].data = C.encode_update(update, other, server.uplink, torch.Generator()).data
+    agg = server.aggregate(results)
+    assert list(agg.rejected) == [results[1].client]
+
+
+def test_nan_local_loss_is_rejected_and_model_stays_finite(tmp_path):
+    summary = run(
+        make_cfg(tmp_path, "fed.lr=100", "fed.rounds=2", "model=cnn", "fed.local_epochs=3")
+    )
+    rows = metric_rows(tmp_path)
+    assert float(rows[-1]["clients/rejected"]) > 0
+    state = checkpoint.load(tmp_path / "checkpoint.pt")["server"]["global"]
+    assert all(bool(torch.isfinite(v.float()).all()) for v in state.values())
+    assert summary["rounds"] == 2
+
+
+def test_checkpoint_loads_weights_only(tmp_path):
+    run(make_cfg(tmp_path, "compressor=ef_signsgd", "fed.rounds=1"))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["round"] == 1 and state["uplink_memory"]
+    assert not list(tmp_path.glob("*.tmp"))
+    os.remove(tmp_path / "checkpoint.pt")
