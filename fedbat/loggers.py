@@ -68,3 +68,12 @@ def _wandb_logger(cfg: DictConfig, run_dir: Path, wandb_id: str | None) -> Logge
     exp.define_metric("*", step_metric="round")
     exp.define_metric("test/acc", step_metric="round", summary="max,last")
     return logger
+
+
+def close_loggers(loggers: list[Logger], status: str) -> None:
+    """Flush and close every logger; a W&B run is finished so the next run (a sweep's next
+    job in the same process, or a test) starts its own."""
+    for lg in loggers:
+        lg.finalize(status)
+        if type(lg).__name__ == "WandbLogger":
+            lg.experiment.finish(exit_code=0 if status == "success" else 1)

@@ -22,7 +22,7 @@ from fedbat import checkpoint, exchange
 from fedbat.accounting import BitCounter
 from fedbat.client import LocalTraining, train_client
 from fedbat.config import check_resumable, validate
-from fedbat.loggers import build_loggers
+from fedbat.loggers import build_loggers, close_loggers
 from fedbat.models import build as build_model
 from fedbat.progress import RoundProgress
 from fedbat.seeding import sample_clients
@@ -113,6 +113,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     progress = RoundProgress(f.rounds, start, enabled=is_zero and cfg.progress)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    status = "failed"
     try:
         for r in range(start, f.rounds):
             t0 = time.perf_counter()
@@ -159,12 +160,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             for lg in loggers:
                 if hasattr(lg, "experiment") and type(lg).__name__ == "WandbLogger":
                     lg.experiment.summary.update(summary)
+        status = "success"
         return summary
     finally:
         signal.signal(signal.SIGTERM, previous)
         progress.close()
-        for lg in loggers:
-            lg.finalize("success")
+        close_loggers(loggers, status)
 
 
 def _resume_state(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:

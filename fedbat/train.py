@@ -7,9 +7,11 @@ DDP launcher re-executes the current script for every extra process.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from fedbat.errors import ConfigError
@@ -21,15 +23,28 @@ CONFIG_PATH = "pkg://configs"
 def hydra_main(cfg: DictConfig) -> float | None:
     from fedbat.loop import run
 
-    if cfg.run_dir is None:
-        with open_dict(cfg):
-            cfg.run_dir = HydraConfig.get().runtime.output_dir
+    name_runs(cfg)
     try:
         summary = run(cfg)
     except ConfigError as err:
         print(f"fedbat: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     return summary.get("final_acc")  # the sweep objective
+
+
+def name_runs(cfg: DictConfig) -> None:
+    """Fill what Hydra knows and the config left open: the run dir, the W&B run name (the
+    command's overrides) and, in a sweep, one W&B group for all of its runs."""
+    hc = HydraConfig.get()
+    with open_dict(cfg):
+        if cfg.run_dir is None:
+            cfg.run_dir = hc.runtime.output_dir
+        w = cfg.logger.get("wandb")
+        if w is not None:
+            if w.get("group") is None and hc.mode == RunMode.MULTIRUN:
+                w.group = f"sweep-{Path(hc.sweep.dir).name}"
+            if w.get("name") is None:
+                w.name = hc.job.override_dirname or cfg.compressor.name
 
 
 if __name__ == "__main__":

@@ -1,0 +1,150 @@
+"""W&B (a real offline run), CSV values per round, progress off a terminal, plots, sweeps."""
+
+import csv
+import io
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pytest
+
+from fedbat import checkpoint
+from fedbat.cli import main
+from fedbat.loop import run
+from fedbat.progress import RoundProgress
+from tests.conftest import make_cfg
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail any connection from this process to a non-loopback address."""
+    attempts: list[object] = []
+    real = socket.socket.connect
+
+    def guarded(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if (
+            isinstance(host, str)
+            and not (host.startswith("127.") or host in ("localhost", "::1"))
+            and self.family in (socket.AF_INET, socket.AF_INET6)
+        ):
+            attempts.append(address)
+            raise OSError(f"network access attempted: {address}")
+        return real(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    return attempts
+
+
+def wandb_runs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_wandb_offline_run_and_csv_values(tmp_path, no_network):
+    cfg = make_cfg(
+        tmp_path,
+        "logger=wandb",
+        "compressor=fedbat",
+        "compressor.downlink=none",
+        "fed.rounds=3",
+        "target_acc=0.1",
+    )
+    summary = run(cfg)
+    (offline,) = wandb_runs(tmp_path)
+    (run_file,) = offline.glob("run-*.wandb")
+    data = run_file.read_bytes()
+    for key in (
+        b"test/acc",
+        b"bits/uplink_cum",
+        b"bits/downlink",
+        b"compression/uplink_ratio",
+        b"time/compress_s",
+        b"fedbat/alpha/model.1.weight",
+        b"best_acc",
+        b"bits_uplink_to_target",
+    ):
+        assert key in data, key
+    assert no_network == []
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(float(r["round"])) for r in rows] == [0, 1, 2]
+    up = [int(float(r["bits/uplink"])) for r in rows]
+    assert len(set(up)) == 1  # fixed-size packets: 10 clients x the same bytes each round
+    cum = [int(float(r["bits/uplink_cum"])) for r in rows]
+    assert cum == [up[0], 2 * up[0], 3 * up[0]]
+    assert float(rows[0]["compression/uplink_ratio"]) > 10
+    assert 5e-4 <= float(rows[0]["fedbat/alpha/model.1.weight"]) <= 5e-2
+    assert summary["bits_uplink_to_target"] == up[0]  # 10% accuracy reached after round 0
+    assert summary["best_acc"] == max(float(r["test/acc"]) for r in rows)
+
+
+def test_resumed_run_continues_the_same_wandb_run(tmp_path):
+    run(make_cfg(tmp_path, "logger=wandb", "fed.rounds=2"))
+    first = checkpoint.load(tmp_path / "checkpoint.pt")["wandb_id"]
+    run(make_cfg(tmp_path, "logger=wandb", "fed.rounds=3"))
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["wandb_id"] == first
+    names = [p.name for p in wandb_runs(tmp_path)]
+    assert len(names) == 2 and all(f"-{first}" in n for n in names), (first, names)
+
+
+def test_progress_plain_lines_off_a_terminal():
+    out = io.StringIO()
+    progress = RoundProgress(total=2, stream=out)
+    for r in range(2):
+        progress.update(
+            {
+                "round": r,
+                "test/acc": 0.5,
+                "train/loss": 1.0,
+                "bits/uplink_cum": 1e6,
+                "bits/downlink_cum": 2e6,
+                "time/round_s": 0.1,
+            }
+        )
+    progress.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("round 2/2 | acc 0.5000")
+    assert "\x1b[" not in out.getvalue()
+
+
+def test_plot_two_real_runs(tmp_path):
+    for name in ("none", "signsgd"):
+        run(make_cfg(tmp_path / "runs" / name, f"compressor={name}", "fed.rounds=2"))
+    assert main(["plot", str(tmp_path / "runs"), "-o", str(tmp_path / "png")]) == 0
+    for png in ("acc_vs_round.png", "acc_vs_uplink_bits.png"):
+        img = mpimg.imread(tmp_path / "png" / png)
+        assert img.shape[:2] == (500, 800)
+    assert main(["plot", str(tmp_path / "nothing")]) == 2
+
+
+def test_multirun_sweep_grouped_then_plotted(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedbat.cli",
+            "train",
+            "--multirun",
+            "compressor=none,signsgd",
+            "fed.rounds=2",
+            "logger=wandb",
+            f"hydra.sweep.dir={sweep}",
+            "progress=false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**__import__("os").environ, "WANDB_MODE": "offline"},
+    )
+    assert out.returncode == 0, out.stderr
+    runs = sorted(p.parent for p in sweep.rglob("metrics.csv"))
+    assert len(runs) == 2
+    groups = {(r / "config.yaml").read_text().split("group: ")[1].split()[0] for r in runs}
+    assert groups == {"sweep-sweep"}
+    assert all(wandb_runs(r) for r in runs)
+    assert main(["plot", str(sweep)]) == 0
+    assert (sweep / "acc_vs_uplink_bits.png").is_file()
