@@ -79,13 +79,15 @@ def prevalidate(overrides: list[str]) -> str | None:
 
 def train(args: list[str]) -> int:
     if not any(a.split("=")[0] in HYDRA_FLAGS for a in args):
-        problem = prevalidate(args)
+        problem = prevalidate([a for a in args if not a.lstrip("+~").startswith("hydra.")])
         if problem:
             return fail(problem)
     from fedbat import train as train_module
 
-    # Lightning's DDP launcher re-runs sys.argv[0] for extra processes: make that the app.
-    sys.argv = [train_module.__file__, *args]
+    # Hydra reads its overrides from sys.argv; the app puts the original command back before
+    # training, since Lightning's DDP launcher re-runs it for the other processes.
+    train_module.ORIGINAL_ARGV[:] = sys.argv
+    sys.argv = [sys.argv[0], *args]
     try:
         train_module.hydra_main()
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (fedbat.loop.Interrupted)

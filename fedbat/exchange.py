@@ -9,6 +9,7 @@ the identity.
 from __future__ import annotations
 
 import json
+import warnings
 
 import torch
 from lightning.fabric import Fabric
@@ -49,6 +50,7 @@ def gather(fabric: Fabric, results: list[ClientResult]) -> list[ClientResult]:
     """Every rank's results, on every rank, sorted by client id."""
     if fabric.world_size == 1:
         return sorted(results, key=lambda r: r.client)
+    warnings.filterwarnings("ignore", message=".*all_gather is deprecated")
     blob = torch.frombuffer(bytearray(serialise(results)), dtype=torch.uint8)
     sizes = fabric.all_gather(torch.tensor([blob.numel()], device=fabric.device)).reshape(-1)
     padded = torch.zeros(int(sizes.max()), dtype=torch.uint8)

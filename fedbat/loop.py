@@ -7,6 +7,7 @@ sampled clients. With one process this is plain sequential simulation.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -44,6 +45,15 @@ def build_fabric(cfg: DictConfig) -> Fabric:
     )
 
 
+def threads_per_process(cfg: DictConfig, fabric: Fabric) -> int:
+    """``trainer.threads``, else the cores shared out over this node's processes: CPU
+    processes that each spawn one thread per core fight over the cores and crawl."""
+    if cfg.trainer.get("threads"):
+        return int(cfg.trainer.threads)
+    local = max(1, fabric.world_size // max(1, int(cfg.trainer.num_nodes)))
+    return max(1, (os.cpu_count() or 1) // local) if local > 1 else torch.get_num_threads()
+
+
 def build_task(cfg: DictConfig, dm: FederatedDataModule) -> ClassificationTask:
     """The model is initialised from the run seed alone, identically on every rank."""
     torch.manual_seed(cfg.seed)
@@ -76,8 +86,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     fabric = build_fabric(cfg)
     fabric.launch()
-    if cfg.trainer.get("threads"):
-        torch.set_num_threads(int(cfg.trainer.threads))
+    torch.set_num_threads(threads_per_process(cfg, fabric))
     resume_state = _resume_state(cfg, run_dir)
     dm = build_datamodule(cfg)
     task = build_task(cfg, dm).to(fabric.device)
@@ -126,9 +135,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             results = exchange.gather(fabric, results)
             if up_memory is not None:
                 for res in results:
-                    up_memory.residuals.update(
-                        {f"{res.client}/{k}": v for k, v in res.residuals.items()}
-                    )
+                    up_memory.residuals.update(res.residuals)  # keys: "client/tensor"
             agg = server.aggregate(results)
             t_down = time.perf_counter()
             broadcast = server.broadcast(r)

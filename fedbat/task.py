@@ -30,7 +30,10 @@ class ClassificationTask(L.LightningModule):
         super().__init__()
         self.model = model
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
-        self.accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        # evaluated on one process (rank 0): no cross-process sync of the metric state
+        self.accuracy = MulticlassAccuracy(
+            num_classes=num_classes, average="micro", sync_on_compute=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)

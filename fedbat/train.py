@@ -17,6 +17,7 @@ from omegaconf import DictConfig, open_dict
 from fedbat.errors import ConfigError
 
 CONFIG_PATH = "pkg://configs"
+ORIGINAL_ARGV: list[str] = []  # the command as typed (``fedbat train ...``), set by the CLI
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
@@ -24,6 +25,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
     from fedbat.loop import run
 
     name_runs(cfg)
+    if ORIGINAL_ARGV:
+        sys.argv[:] = ORIGINAL_ARGV
     try:
         summary = run(cfg)
     except ConfigError as err:
