@@ -132,6 +132,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 train_client(task, server.held, dm, c, r, local, plan, uplink, up_memory)
                 for c in mine
             ]
+            t_trained = time.perf_counter()
             results = exchange.gather(fabric, results)
             if up_memory is not None:
                 for res in results:
@@ -144,6 +145,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             metrics |= bits.add_round(results, broadcast, f.clients_per_round, plan)
             metrics |= {
                 "time/round_s": time.perf_counter() - t0,
+                "time/train_s": t_trained - t0,  # this rank's clients
+                "time/server_s": time.perf_counter() - t_trained,  # exchange to broadcast
                 "time/compress_s": compress_s,
                 "clients/accepted": len(agg.accepted),
                 "clients/rejected": len(agg.rejected),
