@@ -10,7 +10,11 @@ from fedbat.models import paper_init, register
 
 class CNN4(nn.Module):
     def __init__(
-        self, in_channels: int, num_classes: int, widths: tuple[int, ...] = (32, 64, 128, 256)
+        self,
+        in_channels: int,
+        num_classes: int,
+        spatial: tuple[int, int],
+        widths: tuple[int, ...] = (32, 64, 128, 256),
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -24,14 +28,17 @@ class CNN4(nn.Module):
             ]
             c = w
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(c, num_classes, bias=False)
+        h, w = spatial
+        for _ in widths:
+            h, w = h // 2, w // 2
+        # flattened like the paper: 256 features for 28x28 inputs, 1024 for 32x32
+        self.classifier = nn.Linear(c * h * w, num_classes, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+        return self.classifier(torch.flatten(self.features(x), 1))
 
 
 @register("cnn4")
 def cnn4(input_shape: tuple[int, ...], num_classes: int, init_std: float = 0.01) -> nn.Module:
-    """Works on any input size >= 16x16 (spatial output is pooled to 1x1)."""
-    return paper_init(CNN4(input_shape[0], num_classes), init_std)
+    """Any input of at least 16x16 pixels."""
+    return paper_init(CNN4(input_shape[0], num_classes, (input_shape[1], input_shape[2])), init_std)
