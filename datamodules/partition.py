@@ -6,23 +6,14 @@ the same partition without communicating.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 from fedbat.errors import ConfigError
+from fedbat.registry import Registry
 
-Partitioner = Callable[..., list[np.ndarray]]
-PARTITIONERS: dict[str, Partitioner] = {}
+PARTITIONERS = Registry("data.partition", "partition")
 MIN_CLIENT_SAMPLES = 10
-
-
-def _register(name: str) -> Callable[[Partitioner], Partitioner]:
-    def deco(fn: Partitioner) -> Partitioner:
-        PARTITIONERS[name] = fn
-        return fn
-
-    return deco
+_register = PARTITIONERS.register
 
 
 @_register("iid")
@@ -114,8 +105,4 @@ def partition(
     name: str, labels: np.ndarray, num_clients: int, seed: int, **params: object
 ) -> list[np.ndarray]:
     """Split sample indices over ``num_clients`` clients with the partitioner ``name``."""
-    if name not in PARTITIONERS:
-        raise ConfigError(
-            f"data.partition={name!r}: unknown partition; available: {', '.join(PARTITIONERS)}"
-        )
-    return PARTITIONERS[name](labels, num_clients=num_clients, seed=seed, **params)
+    return PARTITIONERS.get(name)(labels, num_clients=num_clients, seed=seed, **params)

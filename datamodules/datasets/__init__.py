@@ -7,12 +7,11 @@ float tensors, so that a client's batch is one indexing operation.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from fedbat.errors import ConfigError
+from fedbat.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -31,25 +30,13 @@ class Splits:
         return tuple(self.x_train.shape[1:])
 
 
-Reader = Callable[..., Splits]
-READERS: dict[str, Reader] = {}
-
-
-def register(name: str) -> Callable[[Reader], Reader]:
-    """Add a dataset reader under ``name`` (what ``data.name`` selects)."""
-
-    def deco(fn: Reader) -> Reader:
-        READERS[name] = fn
-        return fn
-
-    return deco
+READERS = Registry("data.name", "dataset")
+register = READERS.register  # add a reader ``fn(**params) -> Splits`` under a data.name
 
 
 def load(name: str, **params: object) -> Splits:
     """Read the dataset ``name``; unknown names fail listing the available ones."""
-    if name not in READERS:
-        raise ConfigError(f"data.name={name!r}: unknown dataset; available: {', '.join(READERS)}")
-    return READERS[name](**params)
+    return READERS.get(name)(**params)
 
 
 def normalise(x: torch.Tensor, mean: float | list[float], std: float | list[float]) -> torch.Tensor:

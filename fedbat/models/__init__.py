@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from torch import nn
 
-from fedbat.errors import ConfigError
+from fedbat.registry import Registry
 
-Builder = Callable[..., nn.Module]
-MODELS: dict[str, Builder] = {}
-
-
-def register(name: str) -> Callable[[Builder], Builder]:
-    """Add a model builder ``fn(input_shape, num_classes, **params)`` under ``name``."""
-
-    def deco(fn: Builder) -> Builder:
-        MODELS[name] = fn
-        return fn
-
-    return deco
+MODELS = Registry("model.name", "model")
+register = MODELS.register  # add a builder ``fn(input_shape, num_classes, **params)``
 
 
 def build(name: str, input_shape: tuple[int, ...], num_classes: int, **params: object) -> nn.Module:
@@ -28,9 +16,7 @@ def build(name: str, input_shape: tuple[int, ...], num_classes: int, **params: o
     >>> build("cnn4", (1, 28, 28), 10).classifier.weight.shape
     torch.Size([10, 256])
     """
-    if name not in MODELS:
-        raise ConfigError(f"model.name={name!r}: unknown model; available: {', '.join(MODELS)}")
-    return MODELS[name](input_shape=tuple(input_shape), num_classes=num_classes, **params)
+    return MODELS.get(name)(input_shape=tuple(input_shape), num_classes=num_classes, **params)
 
 
 def paper_init(model: nn.Module, std: float = 0.01) -> nn.Module:
