@@ -46,8 +46,9 @@ def build_loggers(cfg: DictConfig, run_dir: Path, wandb_id: str | None) -> list[
 
 
 def _wandb_logger(cfg: DictConfig, run_dir: Path, wandb_id: str | None) -> Logger:
-    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 
+    WandbLogger = _with_bits_axis(LightningWandbLogger)
     w = cfg.logger.wandb
     config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     logger = WandbLogger(
@@ -67,7 +68,25 @@ def _wandb_logger(cfg: DictConfig, run_dir: Path, wandb_id: str | None) -> Logge
     exp.define_metric("bits/uplink_cum")
     exp.define_metric("*", step_metric="round")
     exp.define_metric("test/acc", step_metric="round", summary="max,last")
+    exp.define_metric(f"{BITS_AXIS}*", step_metric="bits/uplink_cum")
     return logger
+
+
+BITS_AXIS = "vs_uplink_bits/"
+
+
+def _with_bits_axis(cls: type) -> type:
+    """The WandbLogger that also logs test metrics under ``vs_uplink_bits/``, whose x-axis
+    is the cumulative uplink bits: "accuracy vs bits" is a default chart in the W&B UI."""
+
+    class BitsAxisWandbLogger(cls):  # type: ignore[misc, valid-type]
+        is_wandb = True
+
+        def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+            extra = {f"{BITS_AXIS}{k}": v for k, v in metrics.items() if k.startswith("test/")}
+            super().log_metrics({**metrics, **extra}, step)
+
+    return BitsAxisWandbLogger
 
 
 def close_loggers(loggers: list[Logger], status: str) -> None:
@@ -75,5 +94,9 @@ def close_loggers(loggers: list[Logger], status: str) -> None:
     job in the same process, or a test) starts its own."""
     for lg in loggers:
         lg.finalize(status)
-        if type(lg).__name__ == "WandbLogger":
+        if is_wandb(lg):
             lg.experiment.finish(exit_code=0 if status == "success" else 1)
+
+
+def is_wandb(logger: Logger) -> bool:
+    return getattr(logger, "is_wandb", False)

@@ -23,7 +23,7 @@ from fedbat import checkpoint, exchange
 from fedbat.accounting import BitCounter
 from fedbat.client import LocalTraining, train_client
 from fedbat.config import check_resumable, validate
-from fedbat.loggers import build_loggers, close_loggers
+from fedbat.loggers import build_loggers, close_loggers, is_wandb
 from fedbat.models import build as build_model
 from fedbat.progress import RoundProgress
 from fedbat.seeding import sample_clients
@@ -109,7 +109,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     loggers = build_loggers(cfg, run_dir, wandb_id) if is_zero else []
-    wandb_id = next((lg.version for lg in loggers if type(lg).__name__ == "WandbLogger"), None)
+    wandb_id = next((lg.version for lg in loggers if is_wandb(lg)), None)
     for row in history:  # the CSV is rebuilt from the checkpoint: no lost, no doubled rounds
         loggers[0].log_metrics(row, step=int(row["round"]))
     local = LocalTraining(
@@ -168,7 +168,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if is_zero:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             for lg in loggers:
-                if hasattr(lg, "experiment") and type(lg).__name__ == "WandbLogger":
+                if is_wandb(lg):
                     lg.experiment.summary.update(summary)
         status = "success"
         return summary
