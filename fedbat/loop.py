@@ -79,71 +79,65 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Interrupted(f"signal {signum}")
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train ``cfg`` to ``fed.rounds`` rounds (resuming from ``run_dir`` when it holds a
-    checkpoint of the same run); returns the run summary."""
-    validate(cfg)
-    run_dir = Path(cfg.run_dir)
-    fabric = build_fabric(cfg)
-    fabric.launch()
-    torch.set_num_threads(threads_per_process(cfg, fabric))
-    resume_state = _resume_state(cfg, run_dir)
-    dm = build_datamodule(cfg)
-    task = build_task(cfg, dm).to(fabric.device)
-    plan = wire_plan(task, cfg.policy.min_numel)
-    uplink, downlink = build_pair(OmegaConf.to_container(cfg.compressor, resolve=True))
-    f = cfg.fed
-    server = Server(task, plan, uplink, downlink, f.server_lr, f.server_momentum, cfg.seed)
-    up_memory = ErrorFeedback() if uplink.error_feedback and not uplink.lossless else None
-    bits, history, start, wandb_id = BitCounter(), [], 0, None
-    if resume_state is not None:
-        server.load_state_dict(resume_state["server"])
-        if up_memory is not None:
-            up_memory = ErrorFeedback(resume_state["uplink_memory"])
-        bits = BitCounter(**resume_state["bits"])
-        history, start = resume_state["history"], resume_state["round"]
-        wandb_id = resume_state.get("wandb_id") or None
-        fabric.print(f"resuming {run_dir} after round {start} of {f.rounds}")
-    is_zero = fabric.global_rank == 0
-    if is_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    loggers = build_loggers(cfg, run_dir, wandb_id) if is_zero else []
-    wandb_id = next((lg.version for lg in loggers if is_wandb(lg)), None)
-    for row in history:  # the CSV is rebuilt from the checkpoint: no lost, no doubled rounds
-        loggers[0].log_metrics(row, step=int(row["round"]))
-    local = LocalTraining(
-        f.local_epochs,
-        f.batch_size,
-        cfg.seed,
-        fabric.device,
-        fabric.autocast,
-        fp16=str(cfg.trainer.precision).startswith("16"),
-    )
-    progress = RoundProgress(f.rounds, start, enabled=is_zero and cfg.progress)
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    status = "failed"
-    try:
-        for r in range(start, f.rounds):
-            t0 = time.perf_counter()
-            clients = sample_clients(cfg.seed, r, cfg.data.num_clients, f.clients_per_round)
-            mine = clients[fabric.global_rank :: fabric.world_size]
-            results = [
-                train_client(task, server.held, dm, c, r, local, plan, uplink, up_memory)
-                for c in mine
-            ]
-            t_trained = time.perf_counter()
-            results = exchange.gather(fabric, results)
-            if up_memory is not None:
-                for res in results:
-                    up_memory.residuals.update(res.residuals)  # keys: "client/tensor"
-            agg = server.aggregate(results)
-            t_down = time.perf_counter()
-            broadcast = server.broadcast(r)
-            compress_s = sum(res.compress_s for res in results) + time.perf_counter() - t_down
-            metrics: dict[str, float] = {"round": r, "train/loss": agg.train_loss}
-            metrics |= bits.add_round(results, broadcast, f.clients_per_round, plan)
-            metrics |= {
+class Federation:
+    """What a run holds between rounds, and one round (DESIGN.md steps 1-7)."""
+
+    def __init__(self, cfg: DictConfig, fabric: Fabric) -> None:
+        self.cfg, self.fabric, f = cfg, fabric, cfg.fed
+        self.dm = build_datamodule(cfg)
+        self.task = build_task(cfg, self.dm).to(fabric.device)
+        self.plan = wire_plan(self.task, cfg.policy.min_numel)
+        self.uplink, downlink = build_pair(OmegaConf.to_container(cfg.compressor, resolve=True))
+        self.server = Server(
+            self.task, self.plan, self.uplink, downlink, f.server_lr, f.server_momentum, cfg.seed
+        )
+        lossy_ef = self.uplink.error_feedback and not self.uplink.lossless
+        self.up_memory = ErrorFeedback() if lossy_ef else None
+        self.bits = BitCounter()
+        self.history: list[dict[str, float]] = []
+        self.local = LocalTraining(
+            f.local_epochs,
+            f.batch_size,
+            cfg.seed,
+            fabric.device,
+            fabric.autocast,
+            fp16=str(cfg.trainer.precision).startswith("16"),
+        )
+
+    def play_round(self, r: int) -> dict[str, float]:
+        """Sample, train this rank's clients, exchange, aggregate, broadcast, count."""
+        cfg, fabric, t0 = self.cfg, self.fabric, time.perf_counter()
+        clients = sample_clients(cfg.seed, r, cfg.data.num_clients, cfg.fed.clients_per_round)
+        results = [
+            train_client(
+                self.task,
+                self.server.held,
+                self.dm,
+                c,
+                r,
+                self.local,
+                self.plan,
+                self.uplink,
+                self.up_memory,
+            )
+            for c in clients[fabric.global_rank :: fabric.world_size]
+        ]
+        t_trained = time.perf_counter()
+        results = exchange.gather(fabric, results)
+        if self.up_memory is not None:
+            for res in results:
+                self.up_memory.residuals.update(res.residuals)  # keys: "client/tensor"
+        agg = self.server.aggregate(results)
+        t_down = time.perf_counter()
+        broadcast = self.server.broadcast(r)
+        compress_s = sum(res.compress_s for res in results) + time.perf_counter() - t_down
+        for client, why in agg.rejected.items():
+            fabric.print(f"round {r}: rejected client {client}: {why}")
+        metrics: dict[str, float] = {"round": r, "train/loss": agg.train_loss}
+        metrics |= self.bits.add_round(results, broadcast, cfg.fed.clients_per_round, self.plan)
+        return (
+            metrics
+            | {
                 "time/round_s": time.perf_counter() - t0,
                 "time/train_s": t_trained - t0,  # this rank's clients
                 "time/server_s": time.perf_counter() - t_trained,  # exchange to broadcast
@@ -151,25 +145,76 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 "clients/accepted": len(agg.accepted),
                 "clients/rejected": len(agg.rejected),
             }
-            metrics |= {f"fedbat/{k}": v for k, v in agg.stats.items()}
-            for client, why in agg.rejected.items():
-                fabric.print(f"round {r}: rejected client {client}: {why}")
-            if is_zero and ((r + 1) % f.eval_every == 0 or r + 1 == f.rounds):
-                task.load_state_dict(server.global_state())
-                metrics |= task.evaluate(dm.test_batches(1024, fabric.device))
-            history.append(metrics)
-            if is_zero:
+            | {f"fedbat/{k}": v for k, v in agg.stats.items()}
+        )
+
+    def evaluate(self) -> dict[str, float]:
+        self.task.load_state_dict(self.server.global_state())
+        return self.task.evaluate(self.dm.test_batches(1024, self.fabric.device))
+
+    def state_dict(self, completed: int, wandb_id: str | None) -> dict[str, Any]:
+        return {
+            "round": completed,
+            "server": self.server.state_dict(),
+            "uplink_memory": self.up_memory.state_dict() if self.up_memory is not None else {},
+            "bits": self.bits.state_dict(),
+            "history": self.history,
+            "wandb_id": wandb_id or "",
+            "config": OmegaConf.to_yaml(self.cfg, resolve=True),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.server.load_state_dict(state["server"])
+        if self.up_memory is not None:
+            self.up_memory = ErrorFeedback(state["uplink_memory"])
+        self.bits = BitCounter(**state["bits"])
+        self.history = state["history"]
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train ``cfg`` to ``fed.rounds`` rounds (resuming from ``run_dir`` when it holds a
+    checkpoint of the same run); returns the run summary."""
+    validate(cfg)
+    run_dir, f = Path(cfg.run_dir), cfg.fed
+    fabric = build_fabric(cfg)
+    fabric.launch()
+    torch.set_num_threads(threads_per_process(cfg, fabric))
+    resume_state = _resume_state(cfg, run_dir)
+    fed = Federation(cfg, fabric)
+    start, wandb_id = 0, None
+    if resume_state is not None:
+        fed.load_state_dict(resume_state)
+        start, wandb_id = resume_state["round"], resume_state["wandb_id"] or None
+        fabric.print(f"resuming {run_dir} after round {start} of {f.rounds}")
+    is_zero = fabric.global_rank == 0
+    if is_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    loggers = build_loggers(cfg, run_dir, wandb_id) if is_zero else []
+    wandb_id = next((lg.version for lg in loggers if is_wandb(lg)), None)
+    for row in fed.history:  # the CSV is rebuilt from the checkpoint: no lost, no doubled rounds
+        loggers[0].log_metrics(row, step=int(row["round"]))
+    progress = RoundProgress(f.rounds, start, enabled=is_zero and cfg.progress)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    status = "failed"
+    try:
+        for r in range(start, f.rounds):
+            metrics = fed.play_round(r)
+            last = r + 1 == f.rounds
+            if is_zero and ((r + 1) % f.eval_every == 0 or last):
+                metrics |= fed.evaluate()
+            fed.history.append(metrics)
+            if is_zero:  # checkpoint first: a round that was logged is never lost
+                if (r + 1) % cfg.checkpoint.every == 0 or last:
+                    checkpoint.save(run_dir, fed.state_dict(r + 1, wandb_id))
                 for lg in loggers:
                     lg.log_metrics(metrics, step=r)
-                if (r + 1) % cfg.checkpoint.every == 0 or r + 1 == f.rounds:
-                    _save(run_dir, r + 1, server, up_memory, bits, history, wandb_id, cfg)
             progress.update(metrics)
-        summary = summarise(history, cfg)
+        summary = summarise(fed.history, cfg)
         if is_zero:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            for lg in loggers:
-                if is_wandb(lg):
-                    lg.experiment.summary.update(summary)
+            for lg in filter(is_wandb, loggers):
+                lg.experiment.summary.update(summary)
         status = "success"
         return summary
     finally:
@@ -188,30 +233,6 @@ def _resume_state(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     state = checkpoint.load(path)
     check_resumable(cfg, state["config"], path)
     return state
-
-
-def _save(
-    run_dir: Path,
-    completed: int,
-    server: Server,
-    up_memory: ErrorFeedback | None,
-    bits: BitCounter,
-    history: list[dict[str, float]],
-    wandb_id: str | None,
-    cfg: DictConfig,
-) -> None:
-    checkpoint.save(
-        run_dir,
-        {
-            "round": completed,
-            "server": server.state_dict(),
-            "uplink_memory": up_memory.state_dict() if up_memory is not None else {},
-            "bits": bits.state_dict(),
-            "history": history,
-            "wandb_id": wandb_id or "",
-            "config": OmegaConf.to_yaml(cfg, resolve=True),
-        },
-    )
 
 
 def summarise(history: list[dict[str, float]], cfg: DictConfig) -> dict[str, Any]:
