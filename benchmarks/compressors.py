@@ -8,18 +8,14 @@ the same run, and the ratio to that copy. Run: python benchmarks/compressors.py
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-# This file's name shadows the ``compressors`` package when run as a script: drop its folder.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+import _isolate  # noqa: F401
+import torch
 
-import torch  # noqa: E402
-
-import compressors as C  # noqa: E402
-from fedbat.models import build  # noqa: E402
+import compressors as C
+from fedbat.models import build
 
 
 def best_seconds(fn: Callable[[], object], repeats: int) -> float:

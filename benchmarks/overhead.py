@@ -13,6 +13,7 @@ import statistics
 import tempfile
 import time
 
+import _isolate  # noqa: F401
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -15,6 +15,7 @@ import argparse
 import statistics
 from pathlib import Path
 
+import _isolate  # noqa: F401
 from omegaconf import open_dict
 
 from fedbat.cli import compose
@@ -24,13 +25,18 @@ from fedbat.plot import plot_runs, read_metrics
 UPLINK_ONLY = ["none", "fedbat", "topk", "qsgd", "signsgd", "ef_signsgd"]
 
 
-def runs(rounds: int, epochs: int) -> list[tuple[str, str, list[str]]]:
+PARTITIONS = {
+    "iid": ["data.partition=iid"],
+    "dirichlet 0.3": ["data.partition=dirichlet", "data.alpha=0.3"],
+}
+
+
+def runs(
+    rounds: int, epochs: int, compressors: list[str], partitions: list[str], both: bool
+) -> list[tuple[str, str, list[str]]]:
     """(partition label, run name, overrides) for every run of the table."""
     out = []
-    for part, extra in (
-        ("iid", ["data.partition=iid"]),
-        ("dirichlet 0.3", ["data.partition=dirichlet", "data.alpha=0.3"]),
-    ):
+    for part in partitions:
         base = [
             "data=fmnist",
             "model=cnn4",
@@ -41,13 +47,13 @@ def runs(rounds: int, epochs: int) -> list[tuple[str, str, list[str]]]:
             f"fed.rounds={rounds}",
             f"fed.local_epochs={epochs}",
             "progress=false",
-            *extra,
+            *PARTITIONS[part],
         ]
-        for c in UPLINK_ONLY:
-            out.append(
-                (part, f"{c} / none", [*base, f"compressor={c}", "compressor.downlink=none"])
-            )
-        out.append((part, "fedbat / fedbat", [*base, "compressor=fedbat"]))
+        for c in compressors:
+            down = [f"compressor={c}", "compressor.downlink=none"]
+            out.append((part, f"{c} / none", [*base, *down]))
+        if both:
+            out.append((part, "fedbat / fedbat", [*base, "compressor=fedbat"]))
     return out
 
 
@@ -57,11 +63,21 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/reproduce"))
     p.add_argument("--table", type=Path, default=Path("docs/results.md"))
+    p.add_argument("--compressors", default=",".join(UPLINK_ONLY), help="uplink compressors")
+    p.add_argument("--partitions", default="iid,dirichlet 0.3", help=f"of {list(PARTITIONS)}")
+    p.add_argument("--no-both", action="store_true", help="skip fedbat on both directions")
     args = p.parse_args()
+    plan = runs(
+        args.rounds,
+        args.epochs,
+        args.compressors.split(","),
+        args.partitions.split(","),
+        not args.no_both,
+    )
     header = "| partition | uplink / downlink | final acc | best acc | uplink bits | downlink bits"
     lines = [header + " | s/round |", "|---|---|---|---|---|---|---|"]
     by_part: dict[str, list[Path]] = {}
-    for part, name, overrides in runs(args.rounds, args.epochs):
+    for part, name, overrides in plan:
         run_dir = args.out / part.split()[0] / name.replace(" / ", "__")
         cfg = compose(overrides)
         with open_dict(cfg):
