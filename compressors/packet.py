@@ -16,6 +16,7 @@ receiver's own :class:`TensorSpec` plan.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -95,7 +96,7 @@ def unpack(data: bytes, plan: list[TensorSpec], compressor: Compressor) -> dict[
         raise PacketError(f"packet of {len(data)} bytes exceeds the {max_packet_bytes(plan)} limit")
     try:
         flat = st_load(bytes(data))
-        meta = _metadata(data)
+        meta = read_metadata(data)
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as err:
         raise PacketError(f"unreadable packet: {err}") from None
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
@@ -115,9 +116,7 @@ def unpack(data: bytes, plan: list[TensorSpec], compressor: Compressor) -> dict[
     return fields
 
 
-def _metadata(data: bytes) -> dict[str, str]:
-    import json
-
+def read_metadata(data: bytes) -> dict[str, str]:
+    """The string metadata of a safetensors container (its JSON header's ``__metadata__``)."""
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n])
-    return header.get("__metadata__", {}) or {}
+    return json.loads(data[8 : 8 + n]).get("__metadata__") or {}

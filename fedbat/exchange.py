@@ -16,6 +16,7 @@ from lightning.fabric import Fabric
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from compressors.packet import read_metadata
 from fedbat.client import ClientResult
 
 
@@ -36,9 +37,8 @@ def serialise(results: list[ClientResult]) -> bytes:
 
 def deserialise(blob: bytes) -> list[ClientResult]:
     tensors = st_load(blob)
-    header = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])
     out = []
-    for client, payload, n, loss, secs in json.loads(header["__metadata__"]["facts"]):
+    for client, payload, n, loss, secs in json.loads(read_metadata(blob)["facts"]):
         prefix = f"{client}/residual/"
         residuals = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         data = tensors[f"{client}/packet"].numpy().tobytes()
