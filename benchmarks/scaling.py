@@ -57,6 +57,7 @@ def main() -> None:
     configs = {
         "1 process x 2 threads": ["trainer.devices=1", "trainer.threads=2"],
         "2 processes x 1 thread": ["trainer.devices=2", "trainer.threads=1"],
+        "1 process x 1 thread (reference)": ["trainer.devices=1", "trainer.threads=1"],
     }
     if torch.cuda.is_available():
         configs[f"1 GPU ({torch.cuda.get_device_name(0)})"] = ["trainer.accelerator=gpu"]
