@@ -67,3 +67,50 @@ def test_crop_flip_keeps_shape_and_content():
     out = crop_flip(x, torch.Generator().manual_seed(0), pad=2)
     assert out.shape == x.shape
     assert set(out.unique().tolist()) <= set(x.unique().tolist()) | {0.0}
+
+
+def _write_cifar_bin(root, folder: str, files: list[str], label_bytes: int, n: int) -> None:
+    import numpy as np
+
+    (root / folder).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for f in files:
+        rec = rng.integers(0, 256, (n, label_bytes + 3072), dtype=np.uint8)
+        rec[:, label_bytes - 1] = np.arange(n) % (10 if label_bytes == 1 else 100)
+        rec.tofile(root / folder / f)
+
+
+def test_cifar10_binary_files_are_read(tmp_path):
+    files = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+    _write_cifar_bin(tmp_path, "cifar-10-batches-bin", files, 1, 20)
+    s = load("cifar10", root=str(tmp_path))
+    assert s.x_train.shape == (100, 3, 32, 32) and s.x_test.shape == (20, 3, 32, 32)
+    assert s.y_train[:10].tolist() == list(range(10)) and s.augment and s.num_classes == 10
+
+
+def test_cifar100_fine_labels(tmp_path):
+    _write_cifar_bin(tmp_path, "cifar-100-binary", ["train.bin", "test.bin"], 2, 150)
+    s = load("cifar100", root=str(tmp_path))
+    assert s.num_classes == 100 and int(s.y_train.max()) == 99
+
+
+def test_svhn_mat_files_are_read(tmp_path):
+    import numpy as np
+    from scipy.io import savemat
+
+    for name, n in (("train_32x32.mat", 12), ("test_32x32.mat", 5)):
+        x = np.random.default_rng(0).integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+        savemat(tmp_path / name, {"X": x, "y": (np.arange(n) % 10 + 1).reshape(-1, 1)})
+    s = load("svhn", root=str(tmp_path))
+    assert s.x_train.shape == (12, 3, 32, 32) and s.y_train.tolist()[:10] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+        7,
+        8,
+        9,
+        0,
+    ]
