@@ -114,3 +114,11 @@ def test_svhn_mat_files_are_read(tmp_path):
         9,
         0,
     ]
+
+
+def test_standard_dataloaders_for_code_that_wants_them():
+    dm = FederatedDataModule("digits", num_clients=4, seed=0)
+    dm.setup()
+    xb, yb = next(iter(dm.client_dataloader(1, batch_size=8)))
+    assert xb.shape == (8, 1, 8, 8) and yb.shape == (8,)
+    assert sum(len(y) for _, y in dm.test_dataloader()) == len(dm.data.y_test)
