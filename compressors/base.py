@@ -9,7 +9,7 @@ from typing import ClassVar, Protocol
 import torch
 from torch import nn
 
-from fedbat.errors import ConfigError, PacketError
+from fedbat.errors import PacketError
 
 Fields = dict[str, torch.Tensor]
 
@@ -69,20 +69,6 @@ def expect(fields: Fields, key: str, dtype: torch.dtype, numel: int) -> torch.Te
     if t.is_floating_point() and not all_finite(t):
         raise PacketError(f"field {key!r}: non-finite values")
     return t
-
-
-def check_range(
-    key: str, value: float, low: float, high: float, low_open: bool = False, integer: bool = False
-) -> None:
-    """Raise ConfigError unless ``low <(=) value <= high`` (and an integer when asked)."""
-    kind = "an integer" if integer else "a number"
-    ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
-    if isinstance(value, bool) or not ok_type:
-        raise ConfigError(
-            f"{key}={value!r}: must be {kind} in {'(' if low_open else '['}{low}, {high}]"
-        )
-    if value < low or (low_open and value == low) or value > high:
-        raise ConfigError(f"{key}={value!r}: must be in {'(' if low_open else '['}{low}, {high}]")
 
 
 def all_finite(t: torch.Tensor) -> bool:

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compressors.base import Compressor, Fields, check_range
+from compressors.base import Compressor, Fields
 from compressors.bits import decode_scaled_signs, encode_scaled_signs
 from compressors.registry import register
+from fedbat.errors import check_range
 
 ALPHA_MIN, ALPHA_MAX = 5e-4, 5e-2
 

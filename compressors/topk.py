@@ -10,10 +10,10 @@ import math
 
 import torch
 
-from compressors.base import Compressor, Fields, check_range, expect
+from compressors.base import Compressor, Fields, expect
 from compressors.bits import pack_bits, unpack_bits
 from compressors.registry import register
-from fedbat.errors import PacketError
+from fedbat.errors import PacketError, check_range
 
 
 @register("topk")

@@ -9,9 +9,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from compressors import build_pair
-from compressors.base import check_range
 from datamodules import PARTITIONERS, READERS
-from fedbat.errors import ConfigError
+from fedbat.errors import ConfigError, check_range
 from fedbat.models import MODELS
 
 BIG = 10**9

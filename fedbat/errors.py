@@ -1,4 +1,5 @@
-"""Errors the CLI turns into one clear line and exit code 2 (bad input, not a bug)."""
+"""Errors the CLI turns into one clear line and exit code 2 (bad input, not a bug), and the
+range check that raises them."""
 
 
 class ConfigError(ValueError):
@@ -12,3 +13,17 @@ class DataNotFoundError(ConfigError):
 
 class PacketError(ValueError):
     """A packet from the wire is malformed or unsafe to apply; the server rejects it."""
+
+
+def check_range(
+    key: str, value: float, low: float, high: float, low_open: bool = False, integer: bool = False
+) -> None:
+    """Raise ConfigError unless ``low <(=) value <= high`` (and an integer when asked)."""
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok_type:
+        raise ConfigError(
+            f"{key}={value!r}: must be {kind} in {'(' if low_open else '['}{low}, {high}]"
+        )
+    if value < low or (low_open and value == low) or value > high:
+        raise ConfigError(f"{key}={value!r}: must be in {'(' if low_open else '['}{low}, {high}]")
