@@ -9,6 +9,7 @@ from pathlib import Path
 
 import matplotlib.image as mpimg
 import pytest
+import wandb
 
 from fedbat import checkpoint
 from fedbat.cli import main
@@ -52,6 +53,9 @@ def test_wandb_offline_run_and_csv_values(tmp_path, no_network):
         "target_acc=0.1",
     )
     summary = run(cfg)
+    # finish() returns before the W&B service has closed the run file; teardown waits for
+    # the service to exit, which is what a finished `fedbat train` process does at exit.
+    wandb.teardown()
     (offline,) = wandb_runs(tmp_path)
     (run_file,) = offline.glob("run-*.wandb")
     data = run_file.read_bytes()
