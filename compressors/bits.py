@@ -39,10 +39,9 @@ def pack_uint(values: torch.Tensor, width: int) -> torch.Tensor:
     >>> pack_uint(torch.tensor([3, 0, 1, 2]), 2)
     tensor([198], dtype=torch.uint8)
     """
-    v = values.reshape(-1).to(torch.int64).cpu().numpy()
-    shifts = np.arange(width - 1, -1, -1, dtype=np.int64)
-    bits = ((v[:, None] >> shifts) & 1).astype(bool)
-    return torch.from_numpy(np.packbits(bits.reshape(-1)))
+    v = values.reshape(-1).to(torch.int32).cpu()  # int32 bit planes: 2x less memory traffic
+    bits = (v[:, None] >> torch.arange(width - 1, -1, -1, dtype=torch.int32)) & 1
+    return pack_bits(bits)
 
 
 def unpack_uint(packed: torch.Tensor, width: int, count: int) -> torch.Tensor:

@@ -75,3 +75,14 @@ def test_every_compressor_trains_digits_and_bits_are_packet_bytes(tmp_path, name
     assert int(float(r["bits/uplink"])) == 10 * up
     assert int(float(r["bits/downlink"])) == 10 * down
     assert int(float(r["bits/uplink_cum"])) == 4 * 10 * up
+
+
+def test_bf16_mixed_precision_trains_and_packets_stay_fp32(tmp_path):
+    """Autocast wraps local training only: FedBAT still learns, the wire format is unchanged."""
+    args = ("compressor=fedbat", "compressor.downlink=none", "fed.rounds=4")
+    mixed = run(make_cfg(tmp_path / "bf16", *args, "trainer.precision=bf16-mixed"))
+    full = run(make_cfg(tmp_path / "fp32", *args))
+    assert mixed["best_acc"] > 0.4, mixed
+    assert mixed["bits_uplink_total"] == full["bits_uplink_total"]
+    weights = checkpoint.load(tmp_path / "bf16" / "checkpoint.pt")["server"]["global"]
+    assert all(v.dtype in (torch.float32, torch.int64) for v in weights.values())
