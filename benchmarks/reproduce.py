@@ -3,10 +3,11 @@
 FMNIST, cnn4, 100 clients, 10 per round, batch 64, lr 0.1, iid and Dirichlet 0.3, a reduced
 budget (default 20 rounds x 2 local epochs): every compressor on the uplink with the
 downlink uncompressed, then fedbat on both directions. Writes a markdown table and
-accuracy-vs-round / accuracy-vs-uplink-bits plots. Runs resume from their checkpoints, so
-an interrupted reproduction continues where it stopped.
+accuracy-vs-round / accuracy-vs-uplink-bits plots into ``--out`` (the table as
+``table.md``; docs/results.md is curated by hand from such tables). Runs resume from their
+checkpoints, so an interrupted reproduction continues where it stopped.
 
-    python benchmarks/reproduce.py --out benchmarks/out/reproduce --table docs/results.md
+    python benchmarks/reproduce.py --out benchmarks/out/reproduce
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/reproduce"))
-    p.add_argument("--table", type=Path, default=Path("docs/results.md"))
+    p.add_argument("--table", type=Path, help="markdown table path (default: OUT/table.md)")
     p.add_argument("--compressors", default=",".join(UPLINK_ONLY), help="uplink compressors")
     p.add_argument("--partitions", default="iid,dirichlet 0.3", help=f"of {list(PARTITIONS)}")
     p.add_argument("--no-both", action="store_true", help="skip fedbat on both directions")
@@ -97,14 +98,15 @@ def main() -> None:
         print(lines[-1], flush=True)
     for part, dirs in by_part.items():
         plot_runs(dirs, args.out / part)
-    args.table.parent.mkdir(parents=True, exist_ok=True)
+    table = args.table or args.out / "table.md"
+    table.parent.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python", "benchmarks/reproduce.py", *sys.argv[1:]])
     intro = (
         f"FMNIST, cnn4, 100 clients, 10 per round, batch 64, lr 0.1, {args.rounds} rounds x "
         f"{args.epochs} local epochs. Measured with:\n\n    {command}\n\n"
     )
-    args.table.write_text(intro + "\n".join(lines) + "\n")
-    print(f"table: {args.table}; plots: {args.out}/*/acc_vs_*.png")
+    table.write_text(intro + "\n".join(lines) + "\n")
+    print(f"table: {table}; plots: {args.out}/*/acc_vs_*.png")
 
 
 if __name__ == "__main__":

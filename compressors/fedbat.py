@@ -50,13 +50,9 @@ class ScaledBinarize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         m, alpha, b = ctx.saved_tensors
-        grad_m = grad * (m.abs() <= alpha)
-        d_alpha = torch.where(
-            m > alpha,
-            torch.ones_like(m),
-            torch.where(m < -alpha, -torch.ones_like(m), (2 * b - 1) - m / alpha),
-        )
-        return grad_m, (grad * d_alpha).sum().reshape(alpha.shape), None
+        inside = m.abs() <= alpha
+        d_alpha = torch.where(inside, (2 * b - 1) - m / alpha, torch.sign(m))  # +-1 outside
+        return grad * inside, (grad * d_alpha).sum().reshape(alpha.shape), None
 
 
 class LearnedBinarization(nn.Module):
