@@ -33,21 +33,45 @@ def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
     return torch.from_numpy(np.unpackbits(packed.numpy(), count=count).astype(bool))
 
 
+MAX_WIDTH = 8  # a group of 8 integers of <= 8 bits is one int64 word: packing is vectorised
+
+
 def pack_uint(values: torch.Tensor, width: int) -> torch.Tensor:
-    """Unsigned integers < 2**width -> ``width`` bits each, packed.
+    """Unsigned integers < 2**width (width <= 8) -> ``width`` bits each, packed.
+
+    Every 8 integers are exactly ``width`` bytes: each group is built as one int64 word and
+    cut into bytes, so the cost is a few vector ops however narrow the integers are.
 
     >>> pack_uint(torch.tensor([3, 0, 1, 2]), 2)
     tensor([198], dtype=torch.uint8)
     """
-    v = values.reshape(-1).to(torch.int32).cpu()  # int32 bit planes: 2x less memory traffic
-    bits = (v[:, None] >> torch.arange(width - 1, -1, -1, dtype=torch.int32)) & 1
-    return pack_bits(bits)
+    _check_width(width)
+    v = values.reshape(-1).to(torch.int64).cpu()
+    n = v.numel()
+    groups = torch.nn.functional.pad(v, (0, -n % 8)).view(-1, 8)
+    words = (groups << torch.arange(7 * width, -1, -width)).sum(1)
+    out = (words[:, None] >> torch.arange(8 * (width - 1), -1, -8)) & 0xFF
+    return out.to(torch.uint8).reshape(-1)[: (n * width + 7) // 8]
 
 
 def unpack_uint(packed: torch.Tensor, width: int, count: int) -> torch.Tensor:
-    """Inverse of :func:`pack_uint` for ``count`` integers."""
-    bits = unpack_bits(packed, count * width).numpy().reshape(count, width).astype(np.int64)
-    return torch.from_numpy(bits @ (1 << np.arange(width - 1, -1, -1, dtype=np.int64)))
+    """Inverse of :func:`pack_uint` for ``count`` integers (int64)."""
+    _check_width(width)
+    size = (count * width + 7) // 8
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != size:
+        raise PacketError(
+            f"packed integers: expected {size} uint8 bytes, got {tuple(packed.shape)} "
+            f"{packed.dtype}"
+        )
+    b = torch.nn.functional.pad(packed.to(torch.int64), (0, -packed.numel() % width))
+    words = (b.view(-1, width) << torch.arange(8 * (width - 1), -1, -8)).sum(1)
+    v = (words[:, None] >> torch.arange(7 * width, -1, -width)) & ((1 << width) - 1)
+    return v.reshape(-1)[:count]
+
+
+def _check_width(width: int) -> None:
+    if not 1 <= width <= MAX_WIDTH:
+        raise ValueError(f"integer width {width}: must be in [1, {MAX_WIDTH}]")
 
 
 def encode_scaled_signs(bits: torch.Tensor, scale: torch.Tensor | float) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ Per bucket of ``bucket_size`` elements: norm = ||x||_2 (fp32); each element beco
 sign(x) * l with l in {0..s} rounded stochastically from s |x| / norm, so E[decode] = x.
 Fields: ``norms`` (fp32, one per bucket) and ``levels``: (signed level + s) in
 ceil(log2(2s + 1)) bits per element, packed (no entropy code: fixed width, exact size).
+s <= 127 keeps a level within 8 bits; finer quantization would cost more than fp16.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class QSGD(Compressor):
         self, levels: int = 7, bucket_size: int = 128, error_feedback: bool = False
     ) -> None:
         super().__init__(error_feedback)
-        check_range("levels", levels, 1, 2**15, integer=True)
+        check_range("levels", levels, 1, 127, integer=True)  # <= 8 bits per level
         check_range("bucket_size", bucket_size, 1, 2**31 - 1, integer=True)
         self.levels, self.bucket_size = int(levels), int(bucket_size)
         self.width = math.ceil(math.log2(2 * self.levels + 1))

@@ -25,12 +25,15 @@ def test_pack_bits_layout_matches_numpy_msb_first():
     assert torch.equal(unpack_bits(packed, 1001), bits)
 
 
-@pytest.mark.parametrize("width", [1, 2, 3, 4, 7, 12])
+@pytest.mark.parametrize("width", [1, 2, 3, 4, 5, 7, 8])
 def test_pack_uint_roundtrip(width):
     v = torch.randint(0, 2**width, (333,), generator=gen())
     packed = pack_uint(v, width)
     assert packed.numel() == math.ceil(333 * width / 8)
     assert torch.equal(unpack_uint(packed, width, 333), v)
+    # the documented layout: each integer's bits, most significant first, one after another
+    bits = [(int(x) >> (width - 1 - j)) & 1 for x in v for j in range(width)]
+    assert np.array_equal(packed.numpy(), np.packbits(np.array(bits, dtype=np.uint8)))
 
 
 def test_none_is_lossless_fp32():
