@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,18 @@ from fedbat import checkpoint
 from fedbat.loop import run
 from tests.conftest import make_cfg
 
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
-def two_processes(run_dir: Path, *overrides: str, script: Path | None = None):
+
+def two_processes(
+    run_dir: Path, *overrides: str, script: Path | None = None, launcher: Sequence[str] = ()
+):
+    """``fedbat train`` on 2 CPU processes: Fabric launches them, or ``launcher`` does."""
     entry = [str(script)] if script else ["-m", "fedbat.cli"]
     return subprocess.run(
         [
             sys.executable,
+            *launcher,
             *entry,
             "train",
             "trainer.accelerator=cpu",
@@ -32,11 +39,16 @@ def two_processes(run_dir: Path, *overrides: str, script: Path | None = None):
     )
 
 
-@pytest.mark.parametrize("compressor", ["none", "fedbat", "ef_signsgd"])
-def test_two_processes_match_one_process_exactly(tmp_path, compressor):
+@pytest.mark.parametrize(
+    ("compressor", "launcher"),
+    [("none", []), ("fedbat", []), ("ef_signsgd", []), ("ef_signsgd", TORCHRUN)],
+    ids=["none", "fedbat", "ef_signsgd", "ef_signsgd-torchrun"],
+)
+def test_two_processes_match_one_process_exactly(tmp_path, compressor, launcher):
     overrides = [f"compressor={compressor}", "fed.rounds=3", "fed.clients_per_round=5"]
-    out = two_processes(tmp_path / "two", *overrides)
+    out = two_processes(tmp_path / "two", *overrides, launcher=launcher)
     assert out.returncode == 0, out.stderr
+    assert "MEMBER: 2/2" in out.stdout + out.stderr  # really one job of two ranks
     run(make_cfg(tmp_path / "one", *overrides))
     one = checkpoint.load(tmp_path / "one" / "checkpoint.pt")
     two = checkpoint.load(tmp_path / "two" / "checkpoint.pt")
