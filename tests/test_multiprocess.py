@@ -1,5 +1,7 @@
 """Real 2-process runs (Lightning Fabric, DDP on CPU with gloo) against 1-process runs."""
 
+import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -39,19 +41,10 @@ def two_processes(
     )
 
 
-@pytest.mark.parametrize(
-    ("compressor", "launcher"),
-    [("none", []), ("fedbat", []), ("ef_signsgd", []), ("ef_signsgd", TORCHRUN)],
-    ids=["none", "fedbat", "ef_signsgd", "ef_signsgd-torchrun"],
-)
-def test_two_processes_match_one_process_exactly(tmp_path, compressor, launcher):
-    overrides = [f"compressor={compressor}", "fed.rounds=3", "fed.clients_per_round=5"]
-    out = two_processes(tmp_path / "two", *overrides, launcher=launcher)
-    assert out.returncode == 0, out.stderr
-    assert "MEMBER: 2/2" in out.stdout + out.stderr  # really one job of two ranks
-    run(make_cfg(tmp_path / "one", *overrides))
-    one = checkpoint.load(tmp_path / "one" / "checkpoint.pt")
-    two = checkpoint.load(tmp_path / "two" / "checkpoint.pt")
+def assert_same_run(one_dir: Path, two_dir: Path) -> None:
+    """Same per-round metrics, global and held weights, and error-feedback residuals."""
+    one = checkpoint.load(one_dir / "checkpoint.pt")
+    two = checkpoint.load(two_dir / "checkpoint.pt")
 
     def stable(history):
         return [{k: v for k, v in h.items() if not k.startswith("time/")} for h in history]
@@ -63,8 +56,66 @@ def test_two_processes_match_one_process_exactly(tmp_path, compressor, launcher)
     assert one["uplink_memory"].keys() == two["uplink_memory"].keys()
     for k, v in one["uplink_memory"].items():  # residuals right whichever rank trained whom
         assert torch.equal(v, two["uplink_memory"][k]), k
+
+
+@pytest.mark.parametrize(
+    ("compressor", "launcher"),
+    [("none", []), ("fedbat", []), ("ef_signsgd", []), ("ef_signsgd", TORCHRUN)],
+    ids=["none", "fedbat", "ef_signsgd", "ef_signsgd-torchrun"],
+)
+def test_two_processes_match_one_process_exactly(tmp_path, compressor, launcher):
+    overrides = [f"compressor={compressor}", "fed.rounds=3", "fed.clients_per_round=5"]
+    out = two_processes(tmp_path / "two", *overrides, launcher=launcher)
+    assert out.returncode == 0, out.stderr
+    assert "MEMBER: 2/2" in out.stdout + out.stderr  # really one job of two ranks
+    run(make_cfg(tmp_path / "one", *overrides))
+    assert_same_run(tmp_path / "one", tmp_path / "two")
     if compressor == "ef_signsgd":
-        assert len(one["uplink_memory"]) > 0
+        assert len(checkpoint.load(tmp_path / "one" / "checkpoint.pt")["uplink_memory"]) > 0
+
+
+def slurm_task_env(rank: int, port: int) -> dict[str, str]:
+    """The variables ``srun --ntasks=2`` on one node gives task ``rank``."""
+    return {
+        **os.environ,
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_NNODES": "1",
+        "SLURM_NODEID": "0",
+        "SLURM_PROCID": str(rank),
+        "SLURM_LOCALID": str(rank),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "fedbat",
+        "SLURM_NODELIST": "localhost",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+
+
+def test_slurm_tasks_form_one_job_that_matches_one_process(tmp_path):
+    """Two tasks started as srun starts them: Fabric's SLURM environment joins them."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = ["compressor=ef_signsgd", "fed.rounds=3", "fed.clients_per_round=5"]
+    cmd = [sys.executable, "-m", "fedbat.cli", "train", "trainer.devices=2", "progress=false"]
+    tasks = [
+        subprocess.Popen(
+            [*cmd, f"hydra.run.dir={tmp_path / 'two'}", *overrides],
+            env=slurm_task_env(rank, port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outs = [t.communicate(timeout=240)[0] for t in tasks]
+    assert [t.returncode for t in tasks] == [0, 0], outs
+    # each task is one rank (Fabric launched no processes of its own)
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in outs[0] and "GLOBAL_RANK: 1" not in outs[0]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outs[1]
+    run(make_cfg(tmp_path / "one", *overrides))
+    assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
 FAULTY = textwrap.dedent(
