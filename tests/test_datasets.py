@@ -35,12 +35,11 @@ def test_missing_dataset_says_where_and_how(tmp_path):
     assert str(tmp_path) in msg and "\n" not in msg
 
 
-def test_missing_fmnist_names_the_debian_package(tmp_path, monkeypatch):
-    import datamodules.datasets.fmnist as fm
-
-    monkeypatch.setattr(fm, "DEFAULT_ROOTS", ())
-    with pytest.raises(DataNotFoundError, match="apt-get install dataset-fashion-mnist"):
+def test_missing_fmnist_names_the_debian_package(tmp_path):
+    """An explicit data.root is the only place looked in, even where the files are installed."""
+    with pytest.raises(DataNotFoundError, match="apt-get install dataset-fashion-mnist") as err:
         load("fmnist", root=str(tmp_path))
+    assert f"looked in {tmp_path})" in str(err.value)
 
 
 def test_unknown_dataset_lists_available():

@@ -8,13 +8,17 @@ from pathlib import Path
 from fedbat.errors import DataNotFoundError
 
 
-def find_root(root: str | None, defaults: Sequence[str], required: Sequence[str]) -> Path | None:
-    """The first candidate folder holding every ``required`` file, or None.
+def places(root: str | None, defaults: Sequence[str]) -> list[str]:
+    """Where to look: ``data.root`` alone when set (never a silent fallback), else ``defaults``."""
+    return [root] if root else list(defaults)
 
-    ``root`` (``data.root``) is tried first, then ``defaults``. Use :func:`missing` to raise.
+
+def find_root(root: str | None, defaults: Sequence[str], required: Sequence[str]) -> Path | None:
+    """The first of :func:`places` holding every ``required`` file, or None.
+
+    Use :func:`missing` to raise.
     """
-    candidates = ([root] if root else []) + list(defaults)
-    for cand in candidates:
+    for cand in places(root, defaults):
         path = Path(cand).expanduser()
         if all((path / f).is_file() for f in required):
             return path
@@ -23,5 +27,5 @@ def find_root(root: str | None, defaults: Sequence[str], required: Sequence[str]
 
 def missing(dataset: str, root: str | None, defaults: Sequence[str], how: str) -> DataNotFoundError:
     """The error for a dataset whose files are in none of the places we looked."""
-    looked = ", ".join(([root] if root else []) + list(defaults))
+    looked = ", ".join(places(root, defaults))
     return DataNotFoundError(f"data.name={dataset}: files not found (looked in {looked}); {how}")
