@@ -34,7 +34,12 @@ PARTITIONS = {
 
 
 def runs(
-    rounds: int, epochs: int, compressors: list[str], partitions: list[str], both: bool
+    rounds: int,
+    epochs: int,
+    compressors: list[str],
+    partitions: list[str],
+    both: bool,
+    seed: int = 0,
 ) -> list[tuple[str, str, list[str]]]:
     """(partition label, run name, overrides) for every run of the table."""
     out = []
@@ -48,6 +53,7 @@ def runs(
             "fed.lr=0.1",
             f"fed.rounds={rounds}",
             f"fed.local_epochs={epochs}",
+            f"seed={seed}",
             "progress=false",
             *PARTITIONS[part],
         ]
@@ -68,6 +74,7 @@ def main() -> None:
     p.add_argument("--compressors", default=",".join(UPLINK_ONLY), help="uplink compressors")
     p.add_argument("--partitions", default="iid,dirichlet 0.3", help=f"of {list(PARTITIONS)}")
     p.add_argument("--no-both", action="store_true", help="skip fedbat on both directions")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling, data order, draws")
     args = p.parse_args()
     plan = runs(
         args.rounds,
@@ -75,6 +82,7 @@ def main() -> None:
         args.compressors.split(","),
         args.partitions.split(","),
         not args.no_both,
+        args.seed,
     )
     header = "| partition | uplink / downlink | final acc | best acc | mean acc | uplink bits |"
     lines = [header + " downlink bits | s/round |", "|---|---|---|---|---|---|---|---|"]
