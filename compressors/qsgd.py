@@ -2,21 +2,26 @@
 
 Per bucket of ``bucket_size`` elements: norm = ||x||_2 (fp32); each element becomes
 sign(x) * l with l in {0..s} rounded stochastically from s |x| / norm, so E[decode] = x.
-Fields: ``norms`` (fp32, one per bucket) and ``levels``: (signed level + s) in
-ceil(log2(2s + 1)) bits per element, packed (no entropy code: fixed width, exact size).
-s <= 127 keeps a level within 8 bits; finer quantization would cost more than fp16.
+Fields: ``norms`` (fp32, one per bucket) and either ``levels``: (signed level + s) in
+ceil(log2(2s + 1)) bits per element, packed (``coding: fixed``, exact size), or, with
+``coding: deflate``, ``levels_deflate``: those bytes through zlib's deflate (an LZ77 +
+Huffman entropy code; levels cluster near 0, so this nearly halves them), sent only when
+shorter than the fixed form. s <= 127 keeps a level within 8 bits.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 
 from compressors.base import Compressor, Fields, expect
 from compressors.bits import pack_uint, unpack_uint
 from compressors.registry import register
-from fedbat.errors import PacketError, check_range
+from fedbat.errors import ConfigError, PacketError, check_range
+
+CODINGS = ("fixed", "deflate")
 
 
 @register("qsgd")
@@ -24,12 +29,18 @@ class QSGD(Compressor):
     """QSGD: s-level stochastic quantization scaled by the L2 norm per bucket."""
 
     def __init__(
-        self, levels: int = 7, bucket_size: int = 128, error_feedback: bool = False
+        self,
+        levels: int = 7,
+        bucket_size: int = 128,
+        coding: str = "fixed",
+        error_feedback: bool = False,
     ) -> None:
         super().__init__(error_feedback)
         check_range("levels", levels, 1, 127, integer=True)  # <= 8 bits per level
         check_range("bucket_size", bucket_size, 1, 2**31 - 1, integer=True)
-        self.levels, self.bucket_size = int(levels), int(bucket_size)
+        if coding not in CODINGS:
+            raise ConfigError(f"coding={coding!r}: must be one of {list(CODINGS)}")
+        self.levels, self.bucket_size, self.coding = int(levels), int(bucket_size), coding
         self.width = math.ceil(math.log2(2 * self.levels + 1))
 
     def _buckets(self, numel: int) -> int:
@@ -46,13 +57,23 @@ class QSGD(Compressor):
         up = torch.rand(scaled.shape, generator=generator) < (scaled - low)
         signed = torch.sign(buckets) * (low + up.float())
         q = (signed.reshape(-1)[:n] + s).to(torch.int64)
-        return {"norms": norms.reshape(-1), "levels": pack_uint(q, self.width)}
+        levels = pack_uint(q, self.width)
+        if self.coding == "deflate":
+            deflated = zlib.compress(levels.numpy().tobytes(), 6)
+            if len(deflated) < levels.numel():
+                levels_z = torch.frombuffer(bytearray(deflated), dtype=torch.uint8)
+                return {"norms": norms.reshape(-1), "levels_deflate": levels_z}
+        return {"norms": norms.reshape(-1), "levels": levels}
 
     def decode(self, fields: Fields, shape: torch.Size) -> torch.Tensor:
         n, s = math.prod(shape), self.levels
         nb = self._buckets(n)
         norms = expect(fields, "norms", torch.float32, nb)
-        packed = expect(fields, "levels", torch.uint8, (n * self.width + 7) // 8)
+        size = (n * self.width + 7) // 8
+        if self.coding == "deflate" and "levels_deflate" in fields:
+            packed = _inflate(fields["levels_deflate"], size)
+        else:
+            packed = expect(fields, "levels", torch.uint8, size)
         if bool((norms < 0).any()):
             raise PacketError("field 'norms': negative norm")
         q = unpack_uint(packed, self.width, n)
@@ -60,3 +81,20 @@ class QSGD(Compressor):
             raise PacketError(f"field 'levels': level above {2 * s}")
         per_elem = norms.repeat_interleave(self.bucket_size)[:n]
         return (per_elem * (q.to(torch.float32) - s) / s).reshape(shape)
+
+
+def _inflate(field: torch.Tensor, size: int) -> torch.Tensor:
+    """Deflated bytes -> exactly ``size`` bytes; never inflates more (no zip bombs)."""
+    if field.dtype != torch.uint8 or field.dim() != 1 or not 0 < field.numel() < size:
+        raise PacketError(
+            f"field 'levels_deflate': {tuple(field.shape)} {field.dtype}, expected fewer "
+            f"than {size} uint8 bytes"
+        )
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(field.numpy().tobytes(), size)
+    except zlib.error as e:
+        raise PacketError(f"field 'levels_deflate': {e}") from e
+    if len(out) != size or not inflater.eof or inflater.unconsumed_tail:
+        raise PacketError(f"field 'levels_deflate': does not inflate to exactly {size} bytes")
+    return torch.frombuffer(bytearray(out), dtype=torch.uint8)

@@ -1,4 +1,5 @@
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -79,6 +80,42 @@ def test_qsgd_bits_and_unbiasedness():
     # per-element std of one draw <= norm/s ~ 2; over 4000 draws the mean's std is ~0.03
     assert (mean - x).abs().max() < 0.15
     assert (mean - x).abs().mean() < 0.03
+
+
+def test_qsgd_deflate_is_the_same_quantization_in_fewer_bytes():
+    fixed = C.build("qsgd")
+    deflate = C.build({"name": "qsgd", "coding": "deflate"})
+    x = torch.randn(20_000, generator=gen())
+    f, z = fixed.encode(x, gen()), deflate.encode(x, gen())
+    assert set(z) == {"norms", "levels_deflate"}
+    # levels of a Gaussian cluster near 0 (entropy ~1.6 bits): deflate nearly halves 4 bits
+    assert z["levels_deflate"].numel() < 0.6 * f["levels"].numel()
+    assert torch.equal(deflate.decode(z, x.shape), fixed.decode(f, x.shape))
+    assert torch.equal(deflate.decode(f, x.shape), fixed.decode(f, x.shape))  # either form
+    with pytest.raises(PacketError, match="missing field 'levels'"):
+        fixed.decode(z, x.shape)  # a fixed-coding receiver accepts no deflated levels
+
+
+def _zfield(raw: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize(
+    "levels_deflate",
+    [
+        _zfield(b"not a deflate stream"),
+        _zfield(zlib.compress(bytes(10_000))[:-6]),  # truncated
+        _zfield(zlib.compress(bytes(100_000))),  # inflates past the expected size (a bomb)
+        _zfield(zlib.compress(bytes(100))),  # inflates short of it
+        _zfield(bytes(10_000)),  # no shorter than the fixed form
+    ],
+    ids=["garbage", "truncated", "bomb", "short", "not-shorter"],
+)
+def test_qsgd_rejects_bad_deflated_levels(levels_deflate):
+    c = C.build({"name": "qsgd", "coding": "deflate"})
+    fields = {"norms": torch.ones(157), "levels_deflate": levels_deflate}
+    with pytest.raises(PacketError, match="levels_deflate"):
+        c.decode(fields, torch.Size([20_000]))
 
 
 def test_error_feedback_state_survives_rounds():
@@ -181,6 +218,8 @@ def test_registry_unknown_name_lists_all():
         ({"name": "topk", "ratio": 1.5}, r"compressor\.ratio=1\.5.*\(0\.0, 1\.0\]"),
         ({"name": "topk", "ratio": "big"}, r"compressor\.ratio='big'"),
         ({"name": "qsgd", "levels": 0}, r"compressor\.levels=0"),
+        ({"name": "qsgd", "levels": 128}, r"compressor\.levels=128.*\[1, 127\]"),
+        ({"name": "qsgd", "coding": "gzip"}, r"compressor\.coding='gzip'.*fixed.*deflate"),
         ({"name": "fedbat", "phi": 2}, r"compressor\.phi=2"),
         ({"name": "fedbat", "rho": -1}, r"compressor\.rho=-1"),
         ({"name": "signsgd", "ratio": 0.1}, r"compressor\.ratio: not a parameter"),

@@ -86,3 +86,13 @@ def test_bf16_mixed_precision_trains_and_packets_stay_fp32(tmp_path):
     assert mixed["bits_uplink_total"] == full["bits_uplink_total"]
     weights = checkpoint.load(tmp_path / "bf16" / "checkpoint.pt")["server"]["global"]
     assert all(v.dtype in (torch.float32, torch.int64) for v in weights.values())
+
+
+def test_qsgd_deflate_trains_identically_on_fewer_bits(tmp_path):
+    """Entropy coding is lossless: the same accuracies round by round, fewer uplink bits."""
+    args = ("compressor=qsgd", "compressor.downlink=none")
+    fixed = run(make_cfg(tmp_path / "fixed", *args))
+    deflate = run(make_cfg(tmp_path / "deflate", *args, "compressor.coding=deflate"))
+    accs = [[r["test/acc"] for r in rows(tmp_path / d)] for d in ("fixed", "deflate")]
+    assert accs[0] == accs[1]
+    assert deflate["bits_uplink_total"] < 0.8 * fixed["bits_uplink_total"], (deflate, fixed)
