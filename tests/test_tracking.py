@@ -2,6 +2,7 @@
 
 import csv
 import io
+import os
 import socket
 import subprocess
 import sys
@@ -142,13 +143,16 @@ def test_multirun_sweep_grouped_then_plotted(tmp_path):
         text=True,
         timeout=300,
         cwd=tmp_path,
-        env={**__import__("os").environ, "WANDB_MODE": "offline"},
+        env={**os.environ, "WANDB_MODE": "offline"},
     )
     assert out.returncode == 0, out.stderr
     runs = sorted(p.parent for p in sweep.rglob("metrics.csv"))
     assert len(runs) == 2
     groups = {(r / "config.yaml").read_text().split("group: ")[1].split()[0] for r in runs}
     assert groups == {"sweep-sweep"}
-    assert all(wandb_runs(r) for r in runs)
+    for r in runs:  # the finished process has flushed each run's file, metrics included
+        (offline,) = wandb_runs(r)
+        (run_file,) = offline.glob("run-*.wandb")
+        assert b"test/acc" in run_file.read_bytes()
     assert main(["plot", str(sweep)]) == 0
     assert (sweep / "acc_vs_uplink_bits.png").is_file()
