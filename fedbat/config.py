@@ -29,6 +29,26 @@ RESUME_FREE = (
 )
 
 
+def _check_gpus(accelerator: str, devices: int | str) -> None:
+    """GPUs asked for that this machine lacks fail here, in one line, not deep in Fabric."""
+    from lightning.fabric.accelerators import CUDAAccelerator, MPSAccelerator
+
+    kinds = {"cuda": CUDAAccelerator, "mps": MPSAccelerator}
+    wanted = list(kinds) if accelerator == "gpu" else [accelerator]
+    if not set(wanted) <= set(kinds):
+        return  # cpu or auto: always runs
+    have = max((kinds[k].auto_device_count() for k in wanted if kinds[k].is_available()), default=0)
+    if have == 0:
+        raise ConfigError(
+            f"trainer.accelerator={accelerator!r}: no such device on this machine; "
+            "use trainer.accelerator=cpu (or auto)"
+        )
+    if devices != "auto" and int(devices) > have:
+        raise ConfigError(
+            f"trainer.devices={devices}: this machine has {have} {accelerator} device(s)"
+        )
+
+
 def _choice(key: str, value: Any, allowed: Any) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(str, allowed))}")
@@ -63,6 +83,7 @@ def validate(cfg: DictConfig) -> None:
     _choice("trainer.accelerator", t.accelerator, ACCELERATORS)
     if t.devices != "auto":
         check_range("trainer.devices", t.devices, 1, 4096, integer=True)
+    _check_gpus(t.accelerator, t.devices)
     check_range("trainer.num_nodes", t.num_nodes, 1, 10**5, integer=True)
     if t.get("threads") is not None:
         check_range("trainer.threads", t.threads, 1, 1024, integer=True)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedbat.cli import main
 
@@ -78,6 +79,18 @@ def test_missing_dataset_exits_2_with_one_line(tmp_path):
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "files not found" in lines[0] and "Traceback" not in out.stderr
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available() or torch.backends.mps.is_available(), reason="has a GPU"
+)
+@pytest.mark.parametrize("accelerator", ["gpu", "cuda"])
+def test_gpu_on_a_machine_without_one_fails_in_one_line(accelerator, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", f"trainer.accelerator={accelerator}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"trainer.accelerator='{accelerator}': no such device" in err and "\n" not in err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_unknown_command():
