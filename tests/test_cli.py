@@ -95,3 +95,31 @@ def test_gpu_on_a_machine_without_one_fails_in_one_line(accelerator, capsys, tmp
 
 def test_unknown_command():
     assert main(["trian"]) == 2
+
+
+def test_example_registers_its_own_model_and_dataset_on_every_rank(tmp_path):
+    """examples/custom_model_and_data.py on 2 processes: each relaunched rank registers too."""
+    script = Path(__file__).parent.parent / "examples" / "custom_model_and_data.py"
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "train",
+            "data.name=breast_cancer",
+            "model.name=tabular_mlp",
+            "data.num_clients=10",
+            "fed.clients_per_round=4",
+            "compressor=fedbat",
+            "fed.rounds=4",
+            "trainer.devices=2",
+            "progress=false",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    with open(tmp_path / "metrics.csv") as f:
+        acc = [float(r["test/acc"]) for r in csv.DictReader(f)]
+    assert len(acc) == 4 and acc[-1] > 0.85  # a real (easy) table: 2 classes, 30 features
