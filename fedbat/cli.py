@@ -92,7 +92,7 @@ def train(args: list[str]) -> int:
         train_module.hydra_main()
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (fedbat.loop.Interrupted)
         print(
-            f"fedbat: interrupted ({stop or 'SIGINT'}); the last completed round's "
+            f"fedbat: interrupted ({str(stop) or 'SIGINT'}); the last completed round's "
             "checkpoint is intact: rerun the same command to resume",
             file=sys.stderr,
         )

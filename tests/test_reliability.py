@@ -76,7 +76,11 @@ def test_sigkill_mid_round_then_rerun_equals_uninterrupted(tmp_path):
     assert all(torch.equal(v, b["uplink_memory"][k]) for k, v in a["uplink_memory"].items())
 
 
-def test_sigterm_exits_nonzero_with_intact_checkpoint(tmp_path):
+@pytest.mark.parametrize(
+    ("sig", "code", "named"),
+    [(signal.SIGTERM, 143, "(signal 15)"), (signal.SIGINT, 130, "(SIGINT)")],
+)
+def test_sigterm_and_ctrl_c_exit_nonzero_with_intact_checkpoint(tmp_path, sig, code, named):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
         cli(run_dir, *SLOW, "fed.rounds=200"),
@@ -85,9 +89,9 @@ def test_sigterm_exits_nonzero_with_intact_checkpoint(tmp_path):
         text=True,
     )
     wait_for_rows(run_dir, 2, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143 and "interrupted" in err and "Traceback" not in err
+    assert proc.returncode == code and f"interrupted {named}" in err and "Traceback" not in err
     state = checkpoint.load(run_dir / "checkpoint.pt")
     assert state["round"] >= 2 and len(metric_rows(run_dir)) >= state["round"]
 
