@@ -87,6 +87,8 @@ def test_sigterm_and_ctrl_c_exit_nonzero_with_intact_checkpoint(tmp_path, sig, c
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as in a terminal: a runner that ignores SIGINT would pass that on to the child
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     wait_for_rows(run_dir, 2, proc)
     proc.send_signal(sig)
