@@ -1,5 +1,5 @@
-"""Errors the CLI turns into one clear line and exit code 2 (bad input, not a bug), and the
-range check that raises them."""
+"""Errors the CLI turns into one clear line (exit code 2 for bad input, 1 for a lost peer
+process) instead of a traceback, and the range check that raises them."""
 
 
 class ConfigError(ValueError):
@@ -9,6 +9,11 @@ class ConfigError(ValueError):
 
 class DataNotFoundError(ConfigError):
     """A dataset's files are missing: the message says where we looked and how to get them."""
+
+
+class PeerLost(RuntimeError):
+    """Another process of the job stopped (crashed, killed) during a collective; that
+    process's own output says why."""
 
 
 class PacketError(ValueError):

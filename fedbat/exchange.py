@@ -18,6 +18,7 @@ from safetensors.torch import save as st_save
 
 from compressors.packet import read_metadata
 from fedbat.client import ClientResult
+from fedbat.errors import PeerLost
 
 
 def serialise(results: list[ClientResult]) -> bytes:
@@ -52,10 +53,17 @@ def gather(fabric: Fabric, results: list[ClientResult]) -> list[ClientResult]:
         return sorted(results, key=lambda r: r.client)
     warnings.filterwarnings("ignore", message=".*all_gather is deprecated")
     blob = torch.frombuffer(bytearray(serialise(results)), dtype=torch.uint8)
-    sizes = fabric.all_gather(torch.tensor([blob.numel()], device=fabric.device)).reshape(-1)
-    padded = torch.zeros(int(sizes.max()), dtype=torch.uint8)
-    padded[: blob.numel()] = blob
-    gathered = fabric.all_gather(padded.to(fabric.device)).cpu()
+    try:
+        sizes = fabric.all_gather(torch.tensor([blob.numel()], device=fabric.device)).reshape(-1)
+        padded = torch.zeros(int(sizes.max()), dtype=torch.uint8)
+        padded[: blob.numel()] = blob
+        gathered = fabric.all_gather(padded.to(fabric.device)).cpu()
+    except RuntimeError as err:  # gloo / NCCL: a peer exited mid-collective
+        cause = (str(err).strip() or type(err).__name__).splitlines()[0].split(". ")[0]
+        raise PeerLost(
+            f"rank {fabric.global_rank}: another process stopped during the packet exchange "
+            f"({cause[:200]}); its own output says why"
+        ) from None
     merged = []
     for rank, size in enumerate(sizes.tolist()):
         merged += deserialise(gathered[rank, :size].numpy().tobytes())

@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from fedbat.errors import ConfigError
+from fedbat.errors import ConfigError, PeerLost
 
 CONFIG_PATH = "pkg://configs"
 ORIGINAL_ARGV: list[str] = []  # the command as typed (``fedbat train ...``), set by the CLI
@@ -29,9 +29,9 @@ def hydra_main(cfg: DictConfig) -> float | None:
         sys.argv[:] = ORIGINAL_ARGV
     try:
         summary = run(cfg)
-    except ConfigError as err:
+    except (ConfigError, PeerLost) as err:
         print(f"fedbat: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(2 if isinstance(err, ConfigError) else 1) from None
     return summary.get("final_acc")  # the sweep objective
 
 

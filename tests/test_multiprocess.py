@@ -139,7 +139,7 @@ def test_slurm_tasks_form_one_job_that_matches_one_process(tmp_path):
 
 FAULTY = textwrap.dedent(
     """
-    import os, sys
+    import os, sys, time
     from torch import nn
     from fedbat.cli import main
     from fedbat.models import register
@@ -151,6 +151,7 @@ FAULTY = textwrap.dedent(
 
         def forward(self, x):
             if os.environ.get("LOCAL_RANK") == "1":
+                time.sleep(2)  # rank 0 is waiting in the exchange by now
                 raise RuntimeError("injected failure on rank 1")
             return self.lin(x.flatten(1))
 
@@ -169,3 +170,6 @@ def test_failing_rank_fails_the_job_without_hanging(tmp_path):
     out = two_processes(tmp_path / "run", "model.name=faulty", "fed.rounds=3", script=script)
     assert out.returncode != 0
     assert "injected failure on rank 1" in out.stderr + out.stdout
+    # the rank left waiting in the exchange says so in one line, not a gloo traceback
+    assert "rank 0: another process stopped during the packet exchange" in out.stderr
+    assert out.stderr.count("Traceback") == 1  # rank 1's own
