@@ -7,16 +7,20 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from fedbat.errors import ConfigError
+from fedbat.registry import Registry
 
 
-class CompressorRegistry(dict):
+class CompressorRegistry(Registry):
     """``name -> {"cls", "description", "init_params"}``; :meth:`get` builds an instance.
 
     One class may be registered under several names with different default parameters
     (``signsgd`` and ``ef_signsgd`` differ only in ``error_feedback``).
     """
 
-    def register(
+    def __init__(self) -> None:
+        super().__init__("compressor", "compressor")
+
+    def register(  # type: ignore[override]
         self, name: str, cls: type | None = None, description: str = "", **init_params: Any
     ) -> Callable[[type], type] | type:
         """Register ``cls`` under ``name``; usable as a class decorator when ``cls`` is None."""
@@ -32,11 +36,7 @@ class CompressorRegistry(dict):
 
     def get(self, name: str, key: str = "compressor", **params: Any):
         """Build the compressor ``name``; bad names or parameters raise one-line ConfigErrors."""
-        if name not in self:
-            raise ConfigError(
-                f"{key}={name!r}: unknown compressor; available: {', '.join(self.available())}"
-            )
-        entry = self[name]
+        entry = super().get(name, key)
         cls = entry["cls"]
         allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
         unknown = sorted(set(params) - set(allowed))

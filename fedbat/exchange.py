@@ -51,13 +51,14 @@ def gather(fabric: Fabric, results: list[ClientResult]) -> list[ClientResult]:
     """Every rank's results, on every rank, sorted by client id."""
     if fabric.world_size == 1:
         return sorted(results, key=lambda r: r.client)
-    warnings.filterwarnings("ignore", message=".*all_gather is deprecated")
     blob = torch.frombuffer(bytearray(serialise(results)), dtype=torch.uint8)
     try:
-        sizes = fabric.all_gather(torch.tensor([blob.numel()], device=fabric.device)).reshape(-1)
-        padded = torch.zeros(int(sizes.max()), dtype=torch.uint8)
-        padded[: blob.numel()] = blob
-        gathered = fabric.all_gather(padded.to(fabric.device)).cpu()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*all_gather is deprecated")
+            sizes = fabric.all_gather(torch.tensor([blob.numel()], device=fabric.device))
+            padded = torch.zeros(int(sizes.max()), dtype=torch.uint8)
+            padded[: blob.numel()] = blob
+            gathered = fabric.all_gather(padded.to(fabric.device)).cpu()
     except RuntimeError as err:  # gloo / NCCL: a peer exited mid-collective
         cause = (str(err).strip() or type(err).__name__).splitlines()[0].split(". ")[0]
         raise PeerLost(
@@ -65,6 +66,6 @@ def gather(fabric: Fabric, results: list[ClientResult]) -> list[ClientResult]:
             f"({cause[:200]}); its own output says why"
         ) from None
     merged = []
-    for rank, size in enumerate(sizes.tolist()):
+    for rank, size in enumerate(sizes.reshape(-1).tolist()):
         merged += deserialise(gathered[rank, :size].numpy().tobytes())
     return sorted(merged, key=lambda r: r.client)

@@ -31,13 +31,17 @@ def wandb_mode(requested: str | None) -> str:
     return os.environ.get("WANDB_MODE") or ("online" if wandb_credentials() else "offline")
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path, wandb_id: str | None) -> list[Logger]:
-    """CSV (metrics.csv in ``run_dir``; rebuilt from the checkpoint history on resume)."""
+def build_loggers(
+    cfg: DictConfig, run_dir: Path, wandb_id: str | None, history: list[dict[str, float]]
+) -> list[Logger]:
+    """CSV always (metrics.csv in ``run_dir``, rewritten from ``history``, the rounds of the
+    checkpoint resumed from: none lost, none doubled), then TensorBoard and W&B on request."""
     lcfg = cfg.logger
     warnings.filterwarnings("ignore", message="Experiment logs directory")
-    loggers: list[Logger] = [
-        CSVLogger(str(run_dir), name="", version="", flush_logs_every_n_steps=1)
-    ]
+    csv_logger = CSVLogger(str(run_dir), name="", version="", flush_logs_every_n_steps=1)
+    for row in history:
+        csv_logger.log_metrics(row, step=int(row["round"]))
+    loggers: list[Logger] = [csv_logger]
     if lcfg.get("tensorboard"):
         loggers.append(TensorBoardLogger(str(run_dir), name="", version="tensorboard"))
     if lcfg.get("wandb"):

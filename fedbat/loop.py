@@ -190,10 +190,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if is_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    loggers = build_loggers(cfg, run_dir, wandb_id) if is_zero else []
+    loggers = build_loggers(cfg, run_dir, wandb_id, fed.history) if is_zero else []
     wandb_id = next((lg.version for lg in loggers if is_wandb(lg)), None)
-    for row in fed.history if loggers else []:  # rank 0 rebuilds the CSV from the checkpoint
-        loggers[0].log_metrics(row, step=int(row["round"]))  # no lost, no doubled rounds
     progress = RoundProgress(f.rounds, start, enabled=is_zero and cfg.progress)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     status = "failed"

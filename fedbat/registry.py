@@ -1,10 +1,10 @@
-"""A name -> builder registry for one pluggable axis (models, datasets, partitions), whose
-lookup error names the config key and lists every registered name."""
+"""A name -> builder registry for one pluggable axis (models, datasets, partitions,
+compressors), whose lookup error names the config key and lists every registered name."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fedbat.errors import ConfigError
 
@@ -33,9 +33,15 @@ class Registry(dict):
 
         return deco
 
-    def get(self, name: str) -> Callable:  # type: ignore[override]
+    def available(self) -> list[str]:
+        return list(self)
+
+    def get(self, name: str, key: str | None = None) -> Any:  # type: ignore[override]
+        """The entry ``name``; else a ConfigError naming ``key`` (default: this registry's
+        config key) and every registered name."""
         if name not in self:
             raise ConfigError(
-                f"{self.key}={name!r}: unknown {self.kind}; available: {', '.join(self)}"
+                f"{key or self.key}={name!r}: unknown {self.kind}; "
+                f"available: {', '.join(self.available())}"
             )
         return self[name]
