@@ -45,6 +45,11 @@ def build(spec: str | Mapping[str, Any], key: str = "compressor") -> Compressor:
     """A compressor from a name or a ``{name: ..., **params}`` mapping."""
     if isinstance(spec, str):
         return COMPRESSORS.get(spec, key=key)
+    if not isinstance(spec, Mapping):
+        raise ConfigError(
+            f"{key}={spec!r}: must be a compressor name or a mapping with 'name'; "
+            f"available: {', '.join(available())}"
+        )
     params = {k: v for k, v in dict(spec).items() if k not in ("uplink", "downlink")}
     if "name" not in params:
         raise ConfigError(f"{key}: missing 'name' (available: {', '.join(available())})")

@@ -9,7 +9,7 @@ from typing import ClassVar, Protocol
 import torch
 from torch import nn
 
-from fedbat.errors import PacketError
+from fedbat.errors import ConfigError, PacketError
 
 Fields = dict[str, torch.Tensor]
 
@@ -32,7 +32,9 @@ class Compressor:
     lossless: ClassVar[bool] = False
 
     def __init__(self, error_feedback: bool = False) -> None:
-        self.error_feedback = bool(error_feedback)
+        if not isinstance(error_feedback, bool):
+            raise ConfigError(f"error_feedback={error_feedback!r}: must be true or false")
+        self.error_feedback = error_feedback
 
     def encode(self, x: torch.Tensor, generator: torch.Generator) -> Fields:
         """fp32 tensor -> the compact tensors that travel (fields)."""
@@ -41,6 +43,11 @@ class Compressor:
     def decode(self, fields: Fields, shape: torch.Size) -> torch.Tensor:
         """Fields -> fp32 tensor of ``shape``; raises PacketError on malformed fields."""
         raise NotImplementedError
+
+    def max_payload_bytes(self, numel: int) -> int:
+        """The most bytes :meth:`encode` produces for ``numel`` elements: the receiver
+        derives its packet size limit from it (default: fp32, never more)."""
+        return 4 * numel
 
     def training_hook(
         self, model: nn.Module, names: list[str], total_steps: int

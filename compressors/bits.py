@@ -82,6 +82,11 @@ def encode_scaled_signs(bits: torch.Tensor, scale: torch.Tensor | float) -> dict
     }
 
 
+def scaled_signs_bytes(numel: int) -> int:
+    """Payload bytes of :func:`encode_scaled_signs` for ``numel`` elements."""
+    return (numel + 7) // 8 + 4
+
+
 def decode_scaled_signs(fields: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
     """Inverse of :func:`encode_scaled_signs`, validating the fields."""
     from compressors.base import expect

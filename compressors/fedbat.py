@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from compressors.base import Compressor, Fields
-from compressors.bits import decode_scaled_signs, encode_scaled_signs
+from compressors.bits import decode_scaled_signs, encode_scaled_signs, scaled_signs_bytes
 from compressors.registry import register
 from fedbat.errors import check_range
 
@@ -148,6 +148,9 @@ class FedBAT(Compressor):
 
     def decode(self, fields: Fields, shape: torch.Size) -> torch.Tensor:
         return decode_scaled_signs(fields, shape)
+
+    def max_payload_bytes(self, numel: int) -> int:
+        return scaled_signs_bytes(numel)
 
     def stats(self, fields: Fields) -> dict[str, float]:
         return {"alpha": float(fields["scale"][0])}

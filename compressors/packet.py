@@ -61,9 +61,19 @@ def wire_plan(model: nn.Module, min_numel: int = 100) -> list[TensorSpec]:
     ]
 
 
-def max_packet_bytes(plan: list[TensorSpec]) -> int:
-    """A packet is never larger than the raw model plus a generous header allowance."""
-    return sum(s.numel * 8 for s in plan) + 1_000_000
+HEADER_BYTES_PER_FIELD = 128  # a safetensors header entry: dtype, shape, offsets, padding
+
+
+def max_packet_bytes(plan: list[TensorSpec], compressor: Compressor) -> int:
+    """The largest packet ``compressor`` can produce for ``plan``: each tensor's payload
+    bound, plus a header entry for up to two fields per tensor and the metadata. Anything
+    larger is rejected before parsing."""
+    payload = sum(
+        compressor.max_payload_bytes(s.numel) if s.compressed else s.numel * s.dtype.itemsize
+        for s in plan
+    )
+    header = sum(2 * (len(s.name) + HEADER_BYTES_PER_FIELD) for s in plan)
+    return payload + header + 512
 
 
 @dataclass(frozen=True)
@@ -92,11 +102,14 @@ def pack(fields: dict[str, Fields], compressor: Compressor) -> Packet:
 
 def unpack(data: bytes, plan: list[TensorSpec], compressor: Compressor) -> dict[str, Fields]:
     """Parse and check the container: size, header, format version, compressor, names."""
-    if len(data) > max_packet_bytes(plan):
-        raise PacketError(f"packet of {len(data)} bytes exceeds the {max_packet_bytes(plan)} limit")
+    if not data:
+        raise PacketError("empty packet")
+    limit = max_packet_bytes(plan, compressor)
+    if len(data) > limit:
+        raise PacketError(f"packet of {len(data)} bytes exceeds the {limit} limit")
     try:
-        flat = st_load(bytes(data))
         meta = read_metadata(data)
+        flat = st_load(bytes(data))
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as err:
         raise PacketError(f"unreadable packet: {err}") from None
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
@@ -117,6 +130,22 @@ def unpack(data: bytes, plan: list[TensorSpec], compressor: Compressor) -> dict[
 
 
 def read_metadata(data: bytes) -> dict[str, str]:
-    """The string metadata of a safetensors container (its JSON header's ``__metadata__``)."""
+    """The string metadata of a safetensors container (its JSON header's ``__metadata__``).
+
+    The header is parsed strictly: a key given twice (which JSON readers resolve
+    differently) makes the container unreadable.
+    """
     n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+    if len(data) < 8 or n > len(data) - 8:
+        raise ValueError(f"header of {n} bytes in a {len(data)}-byte container")
+    header = json.loads(data[8 : 8 + n], object_pairs_hook=_unique_keys)
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    return header.get("__metadata__") or {}
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r} in header")
+    return dict(pairs)

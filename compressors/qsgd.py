@@ -46,6 +46,9 @@ class QSGD(Compressor):
     def _buckets(self, numel: int) -> int:
         return math.ceil(numel / self.bucket_size)
 
+    def max_payload_bytes(self, numel: int) -> int:
+        return 4 * self._buckets(numel) + (numel * self.width + 7) // 8
+
     def encode(self, x: torch.Tensor, generator: torch.Generator) -> Fields:
         flat = x.detach().reshape(-1).to(torch.float32)
         n, s = flat.numel(), self.levels
@@ -84,7 +87,8 @@ class QSGD(Compressor):
 
 
 def _inflate(field: torch.Tensor, size: int) -> torch.Tensor:
-    """Deflated bytes -> exactly ``size`` bytes; never inflates more (no zip bombs)."""
+    """Deflated bytes -> exactly ``size`` bytes; never inflates more (no zip bombs), and no
+    byte may follow the end of the stream."""
     if field.dtype != torch.uint8 or field.dim() != 1 or not 0 < field.numel() < size:
         raise PacketError(
             f"field 'levels_deflate': {tuple(field.shape)} {field.dtype}, expected fewer "
@@ -95,6 +99,6 @@ def _inflate(field: torch.Tensor, size: int) -> torch.Tensor:
         out = inflater.decompress(field.numpy().tobytes(), size)
     except zlib.error as e:
         raise PacketError(f"field 'levels_deflate': {e}") from e
-    if len(out) != size or not inflater.eof or inflater.unconsumed_tail:
+    if len(out) != size or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
         raise PacketError(f"field 'levels_deflate': does not inflate to exactly {size} bytes")
     return torch.frombuffer(bytearray(out), dtype=torch.uint8)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from compressors.base import Compressor, Fields
-from compressors.bits import decode_scaled_signs, encode_scaled_signs
+from compressors.bits import decode_scaled_signs, encode_scaled_signs, scaled_signs_bytes
 from compressors.registry import register
 
 
@@ -22,6 +22,9 @@ class SignSGD(Compressor):
 
     def decode(self, fields: Fields, shape: torch.Size) -> torch.Tensor:
         return decode_scaled_signs(fields, shape)
+
+    def max_payload_bytes(self, numel: int) -> int:
+        return scaled_signs_bytes(numel)
 
 
 register("ef_signsgd", SignSGD, description="Scaled sign with error feedback", error_feedback=True)

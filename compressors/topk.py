@@ -28,6 +28,10 @@ class TopK(Compressor):
     def k(self, numel: int) -> int:
         return max(1, math.ceil(self.ratio * numel))
 
+    def max_payload_bytes(self, numel: int) -> int:
+        k = self.k(numel)
+        return 8 * k if 32 * k < numel else (numel + 7) // 8 + 4 * k
+
     def encode(self, x: torch.Tensor, generator: torch.Generator) -> Fields:
         flat = x.detach().reshape(-1).to(torch.float32)
         k = self.k(flat.numel())

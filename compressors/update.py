@@ -56,7 +56,10 @@ def decode_update(
         fs = fields[spec.name]
         try:
             if spec.compressed:
-                update[spec.name] = compressor.decode(fs, spec.shape)
+                read = _ReadTracking(fs)
+                update[spec.name] = compressor.decode(read, spec.shape)
+                if extra := sorted(set(fs) - read.read):
+                    raise PacketError(f"unexpected field(s) {extra} for {compressor.name!r}")
                 stats.update({f"{k}/{spec.name}": v for k, v in compressor.stats(fs).items()})
             else:
                 if set(fs) != {"raw"}:
@@ -65,3 +68,20 @@ def decode_update(
         except PacketError as err:
             raise PacketError(f"{spec.name}: {err}") from None
     return update, stats
+
+
+class _ReadTracking(dict):
+    """Fields that remember which keys ``decode`` read: a field it never read (an extra
+    value, or two alternative encodings at once) makes the packet invalid."""
+
+    def __init__(self, fields: Fields) -> None:
+        super().__init__(fields)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: torch.Tensor | None = None) -> torch.Tensor | None:  # type: ignore[override]
+        self.read.add(key)
+        return super().get(key, default)

@@ -104,5 +104,19 @@ def label_count(
 def partition(
     name: str, labels: np.ndarray, num_clients: int, seed: int, **params: object
 ) -> list[np.ndarray]:
-    """Split sample indices over ``num_clients`` clients with the partitioner ``name``."""
-    return PARTITIONERS.get(name)(labels, num_clients=num_clients, seed=seed, **params)
+    """Split sample indices over ``num_clients`` clients with the partitioner ``name``; every
+    client must hold at least one sample.
+
+    >>> partition("iid", np.zeros(5), num_clients=6, seed=0)
+    Traceback (most recent call last):
+    ...
+    fedbat.errors.ConfigError: data.num_clients=6: the iid partition of 5 training samples ...
+    """
+    parts = PARTITIONERS.get(name)(labels, num_clients=num_clients, seed=seed, **params)
+    empty = sum(len(p) == 0 for p in parts)
+    if empty:
+        raise ConfigError(
+            f"data.num_clients={num_clients}: the {name} partition of {len(labels)} training "
+            f"samples leaves {empty} client(s) without data; lower data.num_clients"
+        )
+    return parts

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from fedbat.errors import CheckpointError
+
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -24,5 +26,24 @@ def save(run_dir: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
+KEYS = ("round", "server", "uplink_memory", "bits", "history", "wandb_id", "config")
+
+
 def load(path: str | Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The checkpoint at ``path``; a file that is not a complete fedbat checkpoint (truncated,
+    garbage, another program's) is a one-line CheckpointError, never a traceback."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds for a damaged file
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise CheckpointError(
+            f"resume={str(path)!r}: not a readable checkpoint ({reason}); "
+            "use resume=false to start over, or another run_dir"
+        ) from None
+    missing = [k for k in KEYS if not isinstance(state, dict) or k not in state]
+    if missing or not isinstance(state["config"], str) or not isinstance(state["round"], int):
+        raise CheckpointError(
+            f"resume={str(path)!r}: not a fedbat checkpoint (missing {missing or 'types'}); "
+            "use resume=false to start over, or another run_dir"
+        )
+    return state

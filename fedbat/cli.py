@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
-from fedbat.errors import ConfigError
+from fedbat.errors import ConfigError, RunDirError
 
 USAGE = """usage: fedbat {train,list,plot} ...
 
@@ -50,15 +51,16 @@ def fail(message: str) -> int:
     return 2
 
 
-def compose(overrides: list[str]):
-    """The config ``fedbat train overrides`` would run, composed without starting a run."""
+def compose(overrides: list[str], with_hydra: bool = False):
+    """The config ``fedbat train overrides`` would run, composed without starting a run
+    (``with_hydra``: with Hydra's own node, where the run dir is)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     with initialize_config_module("configs", version_base="1.3"):
-        return hydra_compose("train", overrides=overrides)
+        return hydra_compose("train", overrides=overrides, return_hydra_config=with_hydra)
 
 
 def prevalidate(overrides: list[str]) -> str | None:
@@ -69,17 +71,48 @@ def prevalidate(overrides: list[str]) -> str | None:
     from fedbat.config import validate
 
     try:
-        validate(compose(overrides))
+        cfg = compose(overrides, with_hydra=True)
+        run_dir = Path(cfg.run_dir or cfg.hydra.run.dir)
+        if run_dir.exists() and not run_dir.is_dir():  # Hydra would fail creating it
+            raise RunDirError(f"run_dir={run_dir}: exists and is not a directory")
+        validate(cfg)
     except ConfigError as err:
         return str(err)
     except (HydraException, OmegaConfBaseException) as err:
-        return " ".join(str(err).split("Config search path")[0].split())
+        return hydra_message(str(err), overrides)
     return None
+
+
+def hydra_message(text: str, overrides: list[str]) -> str:
+    r"""Hydra's composition errors in fedbat's ``key=value: what is allowed`` form.
+
+    >>> text = "In 'train': Could not find 'logger/slack'\n\nAvailable options in 'logger':"
+    >>> hydra_message(text + "\n\tcsv\n\twandb\nConfig search path: ...", ["logger=slack"])
+    'logger=slack: unknown logger option; available: csv, wandb'
+    """
+    missing = re.search(r"Could not find '([^/']+)/([^']+)'", text)
+    if missing:
+        group, option = missing.groups()
+        options = re.findall(r"^\t(\S+)$", text.split("Config search path")[0], re.M)
+        listed = f"; available: {', '.join(options)}" if options else ""
+        return f"{group}={option}: unknown {group} option{listed}"
+    unknown = re.search(r"Could not override '([^']+)'", text)
+    if unknown:
+        key = unknown.group(1)
+        given = next((o for o in overrides if o.split("=")[0] == key), key)
+        parent, _, _ = key.rpartition(".")
+        from omegaconf import DictConfig, OmegaConf
+
+        node = OmegaConf.select(compose([]), parent) if parent else compose([])
+        ok = isinstance(node, DictConfig)
+        keys = f"; {parent or 'the config'} has: {', '.join(map(str, node))}" if ok else ""
+        return f"{given}: no such key{keys}"
+    return " ".join(text.split("Config search path")[0].split())
 
 
 def train(args: list[str]) -> int:
     if not any(a.split("=")[0] in HYDRA_FLAGS for a in args):
-        problem = prevalidate([a for a in args if not a.lstrip("+~").startswith("hydra.")])
+        problem = prevalidate(args)
         if problem:
             return fail(problem)
     from fedbat import train as train_module
@@ -91,12 +124,12 @@ def train(args: list[str]) -> int:
     try:
         train_module.hydra_main()
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (fedbat.loop.Interrupted)
-        print(
-            f"fedbat: interrupted ({str(stop) or 'SIGINT'}); the last completed round's "
-            "checkpoint is intact: rerun the same command to resume",
-            file=sys.stderr,
-        )
-        return 143 if str(stop).startswith("signal") else 130
+        from fedbat.loop import Interrupted
+
+        if not isinstance(stop, Interrupted):  # before the rounds started
+            stop = Interrupted("SIGINT")
+        print(f"fedbat: {stop.message()}", file=sys.stderr)
+        return stop.exit_code
     except SystemExit as exit_:  # a ConfigError found once the data is loaded: code 2
         return int(exit_.code or 0)
     return 0

@@ -27,10 +27,11 @@ class ClientResult:
     train_loss: float
     compress_s: float
     residuals: dict[str, torch.Tensor]  # this client's error-feedback state after encoding
+    failure: str = ""  # why the client sent nothing (its packet is then empty)
 
     @property
     def ok(self) -> bool:
-        return len(self.data) > 0
+        return not self.failure
 
 
 @dataclass
@@ -90,7 +91,8 @@ def train_client(
     state = task.state_dict()
     update = {k: (state[k].detach().cpu() - held[k]) for k in held}
     if not math.isfinite(train_loss) or not all(all_finite(u.float()) for u in update.values()):
-        return ClientResult(client, b"", 0, n, train_loss, 0.0, {})
+        why = f"non-finite local training (loss {train_loss})"
+        return ClientResult(client, b"", 0, n, train_loss, 0.0, {}, why)
     packet = encode_update(update, plan, uplink, generator(seed), memory, client, preencoded)
     residuals = memory.of(client) if memory is not None else {}
     return ClientResult(

@@ -11,11 +11,14 @@ from omegaconf import DictConfig, OmegaConf
 from compressors import build_pair
 from datamodules import PARTITIONERS, READERS
 from fedbat.errors import ConfigError, check_range
-from fedbat.models import MODELS
+from fedbat.models import MODELS, check_params
 
 BIG = 10**9
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
+# fedbat moves packets itself and never wraps the model: it needs processes and a process
+# group, which Fabric's "ddp" gives (on 1 device "auto" needs none)
+STRATEGIES = ("auto", "ddp")
 # Keys that do not change the results of a run: they may differ when a run is resumed.
 RESUME_FREE = (
     "trainer",
@@ -60,6 +63,7 @@ def validate(cfg: DictConfig) -> None:
     _choice("data.name", d.name, READERS)
     _choice("data.partition", d.partition, PARTITIONERS)
     _choice("model.name", cfg.model.name, MODELS)
+    check_params(cfg.model)
     check_range("seed", cfg.seed, 0, 2**32 - 1, integer=True)
     check_range("data.num_clients", d.num_clients, 1, 10**6, integer=True)
     check_range("data.alpha", d.alpha, 0.0, BIG, low_open=True)
@@ -74,6 +78,8 @@ def validate(cfg: DictConfig) -> None:
     check_range("fed.server_lr", f.server_lr, 0.0, 100.0, low_open=True)
     check_range("fed.server_momentum", f.server_momentum, 0.0, 0.999)
     check_range("fed.eval_every", f.eval_every, 1, BIG, integer=True)
+    if f.get("max_update_ratio") is not None:
+        check_range("fed.max_update_ratio", f.max_update_ratio, 0.0, 1e30, low_open=True)
     check_range("policy.min_numel", cfg.policy.min_numel, 0, BIG, integer=True)
     check_range("checkpoint.every", cfg.checkpoint.every, 1, BIG, integer=True)
     if cfg.get("target_acc") is not None:
@@ -81,6 +87,7 @@ def validate(cfg: DictConfig) -> None:
     t = cfg.trainer
     _choice("trainer.precision", str(t.precision), PRECISIONS)
     _choice("trainer.accelerator", t.accelerator, ACCELERATORS)
+    _choice("trainer.strategy", t.strategy, STRATEGIES)
     if t.devices != "auto":
         check_range("trainer.devices", t.devices, 1, 4096, integer=True)
     _check_gpus(t.accelerator, t.devices)
@@ -113,7 +120,8 @@ def check_resumable(cfg: DictConfig, saved_yaml: str, path: Path) -> None:
     """A checkpoint resumes only the run that wrote it: every result-affecting key agrees."""
     now = _flatten(OmegaConf.to_container(cfg, resolve=True))
     before = _flatten(OmegaConf.to_container(OmegaConf.create(saved_yaml), resolve=True))
-    for key in sorted(set(now) | set(before)):
+    # a group's ``name`` first: another model is named as such, not by its first parameter
+    for key in sorted(set(now) | set(before), key=lambda k: (not k.endswith(".name"), k)):
         if any(key == free or key.startswith(free + ".") for free in RESUME_FREE):
             continue
         if now.get(key) != before.get(key):

@@ -1,6 +1,8 @@
 """Errors the CLI turns into one clear line (exit code 2 for bad input, 1 for a lost peer
 process) instead of a traceback, and the range check that raises them."""
 
+import math
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid: the message names the key, the value and what is
@@ -16,6 +18,15 @@ class PeerLost(RuntimeError):
     process's own output says why."""
 
 
+class RunDirError(ConfigError):
+    """The run directory cannot be used: not a directory, not writable, or held by another
+    run."""
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint file cannot be resumed from: damaged, or not a fedbat checkpoint."""
+
+
 class PacketError(ValueError):
     """A packet from the wire is malformed or unsafe to apply; the server rejects it."""
 
@@ -26,7 +37,7 @@ def check_range(
     """Raise ConfigError unless ``low <(=) value <= high`` (and an integer when asked)."""
     kind = "an integer" if integer else "a number"
     ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
-    if isinstance(value, bool) or not ok_type:
+    if isinstance(value, bool) or not ok_type or math.isnan(value):
         raise ConfigError(
             f"{key}={value!r}: must be {kind} in {'(' if low_open else '['}{low}, {high}]"
         )

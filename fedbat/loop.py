@@ -10,6 +10,9 @@ import json
 import os
 import signal
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +22,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from compressors import ErrorFeedback, build_pair, wire_plan
 from datamodules import FederatedDataModule
-from fedbat import checkpoint, exchange
+from fedbat import checkpoint, exchange, rundir
 from fedbat.accounting import BitCounter
 from fedbat.client import LocalTraining, train_client
 from fedbat.config import check_resumable, validate
+from fedbat.errors import CheckpointError, ConfigError, RunDirError
 from fedbat.loggers import build_loggers, close_loggers, is_wandb
 from fedbat.models import build as build_model
+from fedbat.models import check_fits
 from fedbat.progress import RoundProgress
+from fedbat.rundir import RunDirLock
 from fedbat.seeding import sample_clients
 from fedbat.server import Server
 from fedbat.task import ClassificationTask
@@ -58,7 +64,10 @@ def build_task(cfg: DictConfig, dm: FederatedDataModule) -> ClassificationTask:
     """The model is initialised from the run seed alone, identically on every rank."""
     torch.manual_seed(cfg.seed)
     params = {k: v for k, v in cfg.model.items() if k != "name"}
-    model = build_model(cfg.model.name, dm.input_shape, dm.num_classes, **params)
+    with warnings.catch_warnings():  # a model too big for the input says so just below
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        model = build_model(cfg.model.name, dm.input_shape, dm.num_classes, **params)
+    check_fits(model, cfg.model.name, dm.input_shape)
     f = cfg.fed
     return ClassificationTask(model, dm.num_classes, f.lr, f.momentum, f.weight_decay)
 
@@ -72,11 +81,28 @@ def build_datamodule(cfg: DictConfig) -> FederatedDataModule:
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM turned into an exception so that cleanup runs as for Ctrl-C."""
+    """Ctrl-C or SIGTERM, as an exception so that cleanup runs; it knows what was kept."""
+
+    def __init__(self, signame: str, saved_round: int | None = None) -> None:
+        super().__init__(signame)
+        self.signame, self.saved_round = signame, saved_round
+
+    @property
+    def exit_code(self) -> int:
+        return 143 if self.signame == "SIGTERM" else 130
+
+    def message(self) -> str:
+        kept = (
+            f"the checkpoint after round {self.saved_round} is intact: rerun the same command "
+            "to resume"
+            if self.saved_round
+            else "no round had completed, so there is no checkpoint to resume from"
+        )
+        return f"interrupted ({self.signame}); {kept}"
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
-    raise Interrupted(f"signal {signum}")
+    raise Interrupted("SIGTERM")
 
 
 class Federation:
@@ -89,7 +115,14 @@ class Federation:
         self.plan = wire_plan(self.task, cfg.policy.min_numel)
         self.uplink, downlink = build_pair(OmegaConf.to_container(cfg.compressor, resolve=True))
         self.server = Server(
-            self.task, self.plan, self.uplink, downlink, f.server_lr, f.server_momentum, cfg.seed
+            self.task,
+            self.plan,
+            self.uplink,
+            downlink,
+            f.server_lr,
+            f.server_momentum,
+            cfg.seed,
+            f.max_update_ratio,
         )
         lossy_ef = self.uplink.error_feedback and not self.uplink.lossless
         self.up_memory = ErrorFeedback() if lossy_ef else None
@@ -173,24 +206,55 @@ class Federation:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train ``cfg`` to ``fed.rounds`` rounds (resuming from ``run_dir`` when it holds a
-    checkpoint of the same run); returns the run summary."""
-    validate(cfg)
-    run_dir, f = Path(cfg.run_dir), cfg.fed
-    fabric = build_fabric(cfg)
-    fabric.launch()
-    torch.set_num_threads(threads_per_process(cfg, fabric))
+    checkpoint of the same run); returns the run summary.
+
+    Rank 0 locks the run dir before the other ranks start; an invalid config, damaged
+    checkpoint or unusable run dir is a ConfigError, raised before anything is written
+    (a run dir this left empty is removed).
+    """
+    run_dir = Path(cfg.run_dir)
+    lock = RunDirLock(run_dir)
+    threads = torch.get_num_threads()
+    try:
+        validate(cfg)
+        fabric = build_fabric(cfg)
+        if fabric.global_rank == 0:
+            rundir.prepare(run_dir)
+            lock.acquire()
+            rundir.remove_stale(run_dir)
+        fabric.launch()
+        torch.set_num_threads(threads_per_process(cfg, fabric))
+        return _train(cfg, fabric, run_dir)
+    except ConfigError:
+        lock.release()
+        if run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # an empty dir holds nothing: leave no trace of a refused run
+        raise
+    finally:
+        lock.release()
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: DictConfig, fabric: Fabric, run_dir: Path) -> dict[str, Any]:
+    f = cfg.fed
     resume_state = _resume_state(cfg, run_dir)
     fed = Federation(cfg, fabric)
-    start, wandb_id = 0, None
+    start, wandb_id, saved = 0, None, None
     if resume_state is not None:
-        fed.load_state_dict(resume_state)
+        try:
+            fed.load_state_dict(resume_state)
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            raise CheckpointError(
+                f"resume: the checkpoint does not fit this run ({str(err).splitlines()[0][:160]})"
+            ) from None
         start, wandb_id = resume_state["round"], resume_state["wandb_id"] or None
+        saved = start
         fabric.print(f"resuming {run_dir} after round {start} of {f.rounds}")
     is_zero = fabric.global_rank == 0
-    if is_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    loggers = build_loggers(cfg, run_dir, wandb_id, fed.history) if is_zero else []
+    with _writing(run_dir):
+        if is_zero:
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        loggers = build_loggers(cfg, run_dir, wandb_id, fed.history) if is_zero else []
     wandb_id = next((lg.version for lg in loggers if is_wandb(lg)), None)
     progress = RoundProgress(f.rounds, start, enabled=is_zero and cfg.progress)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -203,22 +267,41 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 metrics |= fed.evaluate()
             fed.history.append(metrics)
             if is_zero:  # checkpoint first: a round that was logged is never lost
-                if (r + 1) % cfg.checkpoint.every == 0 or last:
-                    checkpoint.save(run_dir, fed.state_dict(r + 1, wandb_id))
-                for lg in loggers:
-                    lg.log_metrics(metrics, step=r)
+                with _writing(run_dir):
+                    if (r + 1) % cfg.checkpoint.every == 0 or last:
+                        checkpoint.save(run_dir, fed.state_dict(r + 1, wandb_id))
+                        saved = r + 1
+                    for lg in loggers:
+                        lg.log_metrics(metrics, step=r)
             progress.update(metrics)
         summary = summarise(fed.history, cfg)
         if is_zero:
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            with _writing(run_dir):
+                (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             for lg in filter(is_wandb, loggers):
                 lg.experiment.summary.update(summary)
         status = "success"
         return summary
+    except KeyboardInterrupt as stop:
+        signame = stop.signame if isinstance(stop, Interrupted) else "SIGINT"
+        raise Interrupted(signame, saved) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
         progress.close()
         close_loggers(loggers, status)
+
+
+@contextmanager
+def _writing(run_dir: Path) -> Iterator[None]:
+    """A write into the run dir that fails (deleted, read-only, disk full) is one line."""
+    try:
+        yield
+    except OSError as err:
+        ok = (run_dir / checkpoint.CHECKPOINT).is_file()
+        kept = "its last checkpoint is kept" if ok else "no checkpoint was written"
+        raise RunDirError(
+            f"run_dir={run_dir}: cannot write {err.filename or ''} ({err.strerror}); {kept}"
+        ) from None
 
 
 def _resume_state(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
@@ -230,6 +313,12 @@ def _resume_state(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         return None
     state = checkpoint.load(path)
     check_resumable(cfg, state["config"], path)
+    if state["round"] > cfg.fed.rounds:
+        raise ConfigError(
+            f"fed.rounds={cfg.fed.rounds}: the checkpoint {path} has already completed "
+            f"{state['round']} rounds; use fed.rounds>={state['round']}, another run_dir, "
+            "or resume=false to start over"
+        )
     return state
 
 

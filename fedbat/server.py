@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -39,10 +40,12 @@ class Server:
         lr: float = 1.0,
         momentum: float = 0.0,
         seed: int = 0,
+        max_update_ratio: float | None = 1000.0,
     ) -> None:
         self.model = copy.deepcopy(task).cpu().requires_grad_(False)
         self.params = dict(self.model.named_parameters())
         self.plan, self.uplink, self.downlink, self.seed = plan, uplink, downlink, seed
+        self.max_update_ratio = max_update_ratio
         self.optimizer = torch.optim.SGD(self.params.values(), lr=lr, momentum=momentum)
         self.held = self.global_state()
         self.previous = self.held  # the global model as of the last broadcast
@@ -55,12 +58,14 @@ class Server:
         """Decode and validate every packet in client-id order; apply the weighted mean."""
         out = Aggregate()
         updates, weights, losses = [], [], []
+        bound = self._update_norm_bound()
         for res in sorted(results, key=lambda r: r.client):
             if not res.ok:
-                out.rejected[res.client] = f"non-finite local training (loss {res.train_loss})"
+                out.rejected[res.client] = res.failure
                 continue
             try:
                 update, stats = decode_update(res.data, self.plan, self.uplink)
+                _check_scale(update, bound)
             except PacketError as err:
                 out.rejected[res.client] = str(err)
                 continue
@@ -75,13 +80,23 @@ class Server:
         total = float(sum(weights))
         out.train_loss = sum(w * loss for w, loss in zip(weights, losses, strict=True)) / total
         out.stats = {k: v / len(updates) for k, v in out.stats.items()}
-        before = self.global_state()
+        before = self.global_state(), copy.deepcopy(self.optimizer.state_dict())
         self._apply({s.name: _weighted_mean(updates, weights, total, s.name) for s in self.plan})
         if not all(all_finite(v.float()) for v in self.model.state_dict().values()):
-            self.model.load_state_dict(before)  # the global model never becomes non-finite
+            # the global model and the optimizer's momentum never become non-finite
+            self.model.load_state_dict(before[0])
+            self.optimizer.load_state_dict(before[1])
             out.rejected |= dict.fromkeys(out.accepted, "the aggregate overflowed")
             out.accepted = []
         return out
+
+    def _update_norm_bound(self) -> float:
+        """``max_update_ratio`` x the global model's L2 norm (at least 1): a larger client
+        update is no training step but an attack or a fault, and is rejected alone."""
+        if self.max_update_ratio is None:
+            return math.inf
+        floats = [v for v in self.model.state_dict().values() if v.is_floating_point()]
+        return self.max_update_ratio * max(_norm(floats), 1.0)
 
     @torch.no_grad()
     def _apply(self, mean: dict[str, torch.Tensor]) -> None:
@@ -131,6 +146,24 @@ class Server:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.memory is not None:
             self.memory = ErrorFeedback(state["memory"])
+
+
+MAX_COUNTER_STEP = 2**31  # integer buffers (BN's num_batches_tracked) grow by steps taken
+
+
+def _norm(tensors: list[torch.Tensor]) -> float:
+    return math.sqrt(sum(float(t.double().square().sum()) for t in tensors))
+
+
+def _check_scale(update: dict[str, torch.Tensor], bound: float) -> None:
+    norm = _norm([u for u in update.values() if u.is_floating_point()])
+    if norm > bound:
+        raise PacketError(
+            f"update norm {norm:.3g} exceeds the bound {bound:.3g} (fed.max_update_ratio)"
+        )
+    for name, u in update.items():
+        if not u.is_floating_point() and u.numel() and int(u.abs().max()) > MAX_COUNTER_STEP:
+            raise PacketError(f"{name}: counter step {int(u.abs().max())} > {MAX_COUNTER_STEP}")
 
 
 def _weighted_mean(

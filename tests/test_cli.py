@@ -60,10 +60,10 @@ def test_list_shows_registries(capsys):
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["data=imagenet"], "Could not find 'data/imagenet'"),
+        (["data=imagenet"], "data=imagenet: unknown data option; available: cifar10"),
         (["data.name=imagenet"], "data.name='imagenet'"),
         (["model.name=vgg"], "model.name='vgg'"),
-        (["compressor=zip"], "Could not find 'compressor/zip'"),
+        (["compressor=zip"], "compressor=zip: unknown compressor option"),
     ],
 )
 def test_unknown_names_fail_in_one_line(args, needle, capsys, tmp_path, monkeypatch):

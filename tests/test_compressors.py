@@ -172,10 +172,11 @@ def _fedbat_packet():
 def _repack(plan, comp, update, mutate):
     from compressors.packet import pack
 
-    name = next(s.name for s in plan if s.compressed)
-    fields = {s.name: {"raw": update[s.name].reshape(-1)} for s in plan}
-    fields[name] = comp.encode(update[name], gen())
-    mutate(fields[name])
+    fields = {
+        s.name: comp.encode(update[s.name], gen()) if s.compressed else {"raw": update[s.name]}
+        for s in plan
+    }
+    mutate(fields[next(s.name for s in plan if s.compressed)])
     return pack(fields, comp).data
 
 
@@ -204,7 +205,7 @@ def test_truncated_and_foreign_packets_rejected():
     with pytest.raises(PacketError, match="compressor"):
         C.decode_update(data, plan, C.build("signsgd"))
     with pytest.raises(PacketError, match="exceeds"):
-        C.decode_update(data + bytes(C.packet.max_packet_bytes(plan)), plan, comp)
+        C.decode_update(data + bytes(C.packet.max_packet_bytes(plan, comp)), plan, comp)
 
 
 def test_registry_unknown_name_lists_all():
@@ -237,3 +238,95 @@ def test_direction_overrides():
     assert down.levels == 2 and up.name == "none"
     with pytest.raises(ConfigError, match=r"compressor\.downlink='nope'"):
         C.build_pair({"name": "none", "downlink": "nope"})
+
+
+def _qsgd_deflate_packet(mutate):
+    """A real deflate-coded QSGD packet of a cnn update, with its largest tensor's fields
+    changed by ``mutate``."""
+    from compressors.packet import pack
+
+    model = build_model("cnn", (1, 8, 8), 10)
+    plan = C.wire_plan(model)
+    comp = C.build({"name": "qsgd", "coding": "deflate"})
+    update = {k: torch.randn(v.shape).to(v.dtype) * 1e-3 for k, v in model.state_dict().items()}
+    fields = C.packet.unpack(C.encode_update(update, plan, comp, gen()).data, plan, comp)
+    largest = max((s for s in plan if s.compressed), key=lambda s: s.numel).name
+    assert "levels_deflate" in fields[largest]
+    mutate(fields[largest])
+    return plan, comp, pack(fields, comp).data
+
+
+def _append(field: torch.Tensor, extra: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(field.numpy().tobytes() + extra), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        # bytes after the end of the deflate stream: inflate "exactly and no further"
+        (lambda f: f.update(levels_deflate=_append(f["levels_deflate"], b"\x00junk")), "exactly"),
+        # a valid second deflate stream appended
+        (
+            lambda f: f.update(
+                levels_deflate=_append(f["levels_deflate"], zlib.compress(b"\x00" * 10))
+            ),
+            "exactly",
+        ),
+        # the fixed form beside the deflated one: two encodings of one tensor
+        (
+            lambda f: f.update(levels=torch.zeros(1, dtype=torch.uint8)),
+            r"unexpected field\(s\) \['levels'\]",
+        ),
+        # an extra field, even a NaN the decoder would never read
+        (
+            lambda f: f.update(note=torch.tensor([float("nan")])),
+            r"unexpected field\(s\) \['note'\]",
+        ),
+    ],
+    ids=["trailing-bytes", "second-stream", "levels-and-deflate", "extra-nan-field"],
+)
+def test_qsgd_packets_with_smuggled_data_are_rejected(mutate, match):
+    plan, comp, data = _qsgd_deflate_packet(mutate)
+    with pytest.raises(PacketError, match=match):
+        C.decode_update(data, plan, comp)
+
+
+def test_extra_field_in_a_sign_packet_is_rejected():
+    plan, comp, update = _fedbat_packet()
+    data = _repack(plan, comp, update, lambda f: f.update(extra=torch.zeros(3)))
+    with pytest.raises(PacketError, match=r"unexpected field\(s\) \['extra'\]"):
+        C.decode_update(data, plan, comp)
+
+
+def test_duplicate_keys_in_the_header_are_rejected():
+    plan, comp, update = _fedbat_packet()
+    data = C.encode_update(update, plan, comp, gen()).data
+    n = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + n].decode()
+    # the same metadata key twice, the second claiming another compressor; same length
+    forged = header.replace('"compressor":"fedbat"', '"compressor":"fedbat","format":"x"', 1)
+    forged = forged.rstrip()[:-1] + ',"__metadata__":{}}'
+    forged = forged.ljust(len(forged) + (-len(forged)) % 8).encode()
+    bad = len(forged).to_bytes(8, "little") + forged + data[8 + n :]
+    with pytest.raises(PacketError, match="duplicate key"):
+        C.decode_update(bad, plan, comp)
+
+
+def test_empty_packet_says_so():
+    plan, comp, _ = _fedbat_packet()
+    with pytest.raises(PacketError, match=r"^empty packet$"):
+        C.decode_update(b"", plan, comp)
+
+
+@pytest.mark.parametrize("name", C.available())
+def test_size_limit_is_derived_from_the_plan_and_compressor(name):
+    """A real cnn4 packet sits within 15% of its limit, and one byte past the limit is
+    rejected (the limit was 55x a FedBAT packet when it ignored the compressor)."""
+    model = build_model("cnn4", (1, 28, 28), 10)
+    plan, comp = C.wire_plan(model), C.build(name)
+    update = {k: torch.randn(v.shape).to(v.dtype) for k, v in model.state_dict().items()}
+    data = C.encode_update(update, plan, comp, gen()).data
+    limit = C.packet.max_packet_bytes(plan, comp)
+    assert len(data) <= limit < 1.15 * len(data), (len(data), limit)
+    with pytest.raises(PacketError, match="exceeds"):
+        C.decode_update(data + bytes(limit - len(data) + 1), plan, comp)

@@ -1,0 +1,159 @@
+"""What a careless user gives fedbat: each is one line naming the value, exit code 2, and
+nothing already written is lost or changed."""
+
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from fedbat.cli import main
+from fedbat.loop import run
+from tests.conftest import make_cfg
+from tests.test_reliability import cli, metric_rows
+
+NAN_KEYS = [
+    "fed.lr",
+    "fed.server_lr",
+    "fed.momentum",
+    "fed.weight_decay",
+    "fed.server_momentum",
+    "data.alpha",
+    "target_acc",
+    "fed.max_update_ratio",
+]
+FRESH_BAD = [
+    *[([f"{k}=nan"], f"{k}=nan: must be") for k in NAN_KEYS],
+    (["compressor=topk", "compressor.ratio=nan"], "compressor.ratio=nan"),
+    (["compressor=fedbat", "compressor.rho=nan"], "compressor.rho=nan"),
+    (["compressor=fedbat", "compressor.phi=nan"], "compressor.phi=nan"),
+    (["data.num_clients=100000"], "data.num_clients=100000: the iid partition of 1437"),
+    (["compressor.uplink=7"], "compressor.uplink=7: must be a compressor name or a mapping"),
+    (["trainer.strategy=nosuch"], "trainer.strategy='nosuch': must be one of auto, ddp"),
+    (["model.hidden=0"], "model.hidden=0: must be an integer >= 1"),
+    (["model.depth=3"], "model.depth=3: no such key; model has: name, hidden"),
+    (["compressor.error_feedback=maybe"], "compressor.error_feedback='maybe': must be true"),
+    (["model=cnn4"], "model.name='cnn4': does not take the dataset's inputs of shape (1, 8, 8)"),
+    (["data=imagenet"], "data=imagenet: unknown data option; available: cifar10, cifar100"),
+]
+
+
+@pytest.mark.parametrize("overrides,needle", FRESH_BAD, ids=[" ".join(o) for o, _ in FRESH_BAD])
+def test_bad_value_one_line_exit_2_and_no_run_dir(tmp_path, overrides, needle, capsys):
+    run_dir = tmp_path / "runs" / "new"
+    code = main(["train", f"hydra.run.dir={run_dir}", "progress=false", *overrides])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert not run_dir.exists()  # not even an empty run dir is left behind
+
+
+def test_run_dir_that_is_a_file(tmp_path, capsys):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    assert main(["train", f"hydra.run.dir={target}", "progress=false"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("exists and is not a directory") and len(err.splitlines()) == 1
+    assert target.read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [lambda b: b[: len(b) // 2], lambda b: b"\x00garbage" * 100, lambda b: b""],
+    ids=["truncated", "garbage", "empty"],
+)
+@pytest.mark.parametrize("how", ["found", "resume="])
+def test_damaged_checkpoint_one_line_and_left_as_is(tmp_path, capsys, damage, how):
+    run_dir = tmp_path / "run"
+    run(make_cfg(run_dir, "fed.rounds=1"))
+    ckpt = run_dir / "checkpoint.pt"
+    if how == "resume=":
+        ckpt = ckpt.rename(tmp_path / "elsewhere.pt")
+    ckpt.write_bytes(damage(ckpt.read_bytes()))
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    extra = [f"resume={ckpt}"] if how == "resume=" else []
+    code = main(["train", f"hydra.run.dir={run_dir}", "progress=false", *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "not a readable checkpoint" in err and len(err.splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+def test_resuming_another_models_checkpoint_names_the_model(tmp_path, capsys):
+    run(make_cfg(tmp_path / "cnn", "model=cnn", "fed.rounds=1"))
+    code = main(
+        ["train", f"hydra.run.dir={tmp_path / 'mlp'}", f"resume={tmp_path / 'cnn'}/checkpoint.pt"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("fedbat: error: model.name='mlp': the checkpoint"), err
+
+
+def test_lowering_rounds_of_a_finished_run_is_refused(tmp_path, capsys):
+    run(make_cfg(tmp_path, "fed.rounds=2"))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert main(["train", f"hydra.run.dir={tmp_path}", "fed.rounds=1", "progress=false"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "fed.rounds=1: the checkpoint" in err and "already completed 2 rounds" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+SLOW = ["model=cnn", "fed.local_epochs=8", "fed.rounds=6"]  # ~0.5 s/round on 2 cores
+
+
+def wait_for(path: Path, proc: subprocess.Popen, limit: float = 60) -> None:
+    end = time.time() + limit
+    while not path.exists():
+        assert proc.poll() is None and time.time() < end, proc.communicate()
+        time.sleep(0.02)
+
+
+def test_second_run_in_the_same_dir_fails_at_once_naming_the_holder(tmp_path):
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen(cli(run_dir, *SLOW), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(run_dir / ".lock", first)
+    second = subprocess.run(cli(run_dir, *SLOW), capture_output=True, text=True, timeout=60)
+    assert second.returncode == 2
+    assert f"in use by process {first.pid} on" in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    assert first.wait(timeout=120) == 0
+    assert [r["round"] for r in metric_rows(run_dir)] == [str(r) for r in range(6)]
+    assert not (run_dir / ".lock").exists()
+
+
+def test_stale_temporary_checkpoint_is_cleaned_up(tmp_path):
+    (tmp_path / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint")
+    run(make_cfg(tmp_path, "fed.rounds=1"))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_sigterm_in_round_0_does_not_claim_a_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        cli(run_dir, "model=cnn", "fed.local_epochs=40", "fed.rounds=2"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(run_dir / "config.yaml", proc)
+    time.sleep(1.0)  # inside round 0's local training
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "interrupted (SIGTERM); no round had completed" in err
+    assert not (run_dir / "checkpoint.pt").exists()
+
+
+def test_run_dir_gone_mid_run_is_one_line(tmp_path):
+    """The run dir replaced by a file while the run goes on: the next write fails, in one
+    line, exit 2."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(cli(run_dir, *SLOW), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(run_dir / "checkpoint.pt", proc)
+    shutil.rmtree(run_dir)
+    run_dir.write_text("not a directory any more")
+    _, err = proc.communicate(timeout=120)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 2, lines
+    assert lines[-1].startswith(f"fedbat: error: run_dir={run_dir}: cannot write"), lines
+    assert "Traceback" not in err.decode()
