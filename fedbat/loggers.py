@@ -3,8 +3,8 @@ goes to all of them through Fabric."""
 
 from __future__ import annotations
 
-import netrc
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,22 +13,41 @@ from lightning.fabric.loggers import CSVLogger, Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 
-def wandb_credentials() -> bool:
-    """True when W&B could log in without a prompt (API key in env or netrc)."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
+def wandb_credentials(settings: Any) -> bool:
+    """True when W&B holds credentials for its server (``settings.base_url``), found the way
+    ``wandb.init`` finds them (environment, ``$NETRC`` or ``~/.netrc``, settings), without
+    ever prompting."""
     try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
+        from wandb.sdk.lib import wbauth
+    except ImportError:  # a wandb without that module: the key in the environment or settings
+        return bool(os.environ.get("WANDB_API_KEY") or getattr(settings, "api_key", None))
+    try:
+        auth = wbauth.authenticate_session(
+            host=settings.base_url, source="fedbat", prompt=False, update_session=False
+        )
+    except Exception:  # malformed credentials count as none: the run goes offline
         return False
+    return auth is not None
 
 
-def wandb_mode(requested: str | None) -> str:
-    """The explicit mode, else WANDB_MODE, else online with credentials and offline without:
-    a run never stops at an interactive login prompt."""
+def wandb_mode(requested: str | None, run_dir: Path) -> str | None:
+    """The mode for ``wandb.init``: ``logger.wandb.mode`` when set; else None, so that wandb
+    resolves it itself (``WANDB_MODE``, ``wandb offline``/``wandb online``), except where
+    that is online without credentials, which would prompt or fail: then offline, in one
+    line."""
     if requested:
         return requested
-    return os.environ.get("WANDB_MODE") or ("online" if wandb_credentials() else "offline")
+    import wandb
+
+    settings = wandb.setup().settings
+    if settings.mode not in ("online", "run") or wandb_credentials(settings):
+        return None
+    print(
+        f"fedbat: no W&B credentials for {settings.base_url}: logging offline "
+        f"(after `wandb login`: wandb sync {run_dir}/wandb/offline-run-*)",
+        file=sys.stderr,
+    )
+    return "offline"
 
 
 def build_loggers(
@@ -50,24 +69,41 @@ def build_loggers(
 
 
 def _wandb_logger(cfg: DictConfig, run_dir: Path, wandb_id: str | None) -> Logger:
+    import wandb
     from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 
     WandbLogger = _with_bits_axis(LightningWandbLogger)
     w = cfg.logger.wandb
     config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    logger = WandbLogger(
-        project=w.project,
-        entity=w.get("entity"),
-        group=w.get("group"),
-        tags=list(w.get("tags") or []),
-        name=w.get("name"),
-        save_dir=str(run_dir),
-        id=wandb_id,
-        resume="allow",
-        mode=wandb_mode(w.get("mode")),
-        config=config,
-    )
-    exp = logger.experiment
+    mode = wandb_mode(w.get("mode"), run_dir)
+    timeout = w.get("init_timeout")
+    settings = wandb.Settings(init_timeout=timeout) if timeout else None
+
+    def make(mode: str | None) -> Logger:
+        return WandbLogger(
+            project=w.project,
+            entity=w.get("entity"),
+            group=w.get("group"),
+            tags=list(w.get("tags") or []),
+            name=w.get("name"),
+            save_dir=str(run_dir),
+            id=wandb_id,
+            resume="allow",
+            config=config,
+            settings=settings,
+            **({"mode": mode} if mode else {}),
+        )
+
+    logger = make(mode)
+    try:
+        exp = logger.experiment
+    except wandb.errors.Error as err:  # server unreachable, credentials refused
+        if mode in ("offline", "disabled"):
+            raise
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        print(f"fedbat: W&B is unreachable ({reason}): logging offline", file=sys.stderr)
+        logger = make("offline")
+        exp = logger.experiment
     exp.define_metric("round")
     exp.define_metric("bits/uplink_cum")
     exp.define_metric("*", step_metric="round")
