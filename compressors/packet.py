@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatch
 
 import torch
 from safetensors import SafetensorError
@@ -27,7 +29,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from compressors.base import Compressor, Fields
-from fedbat.errors import PacketError
+from fedbat.errors import ConfigError, PacketError
 
 FORMAT, VERSION = "fedbat.packet", "1"
 COMPRESSIBLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -47,13 +49,49 @@ class TensorSpec:
         return math.prod(self.shape)
 
 
-def wire_plan(model: nn.Module, min_numel: int = 100) -> list[TensorSpec]:
-    """The compression policy: conv/linear weights with >= ``min_numel`` elements are
-    compressed; everything else in the state dict (BN, biases, small tensors) is raw."""
-    compressible = {
+def module_types(names: Sequence[str]) -> tuple[type[nn.Module], ...]:
+    """``torch.nn`` module classes by name (``["Linear", "Embedding"]``); unknown names fail
+    in one line."""
+    out = []
+    for name in names:
+        cls = getattr(nn, str(name), None)
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise ConfigError(f"policy.modules: {name!r} is not a torch.nn module class")
+        out.append(cls)
+    return tuple(out)
+
+
+def wire_plan(
+    model: nn.Module,
+    min_numel: int = 100,
+    modules: Sequence[type[nn.Module]] = COMPRESSIBLE,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> list[TensorSpec]:
+    """The compression policy: the ``weight`` of every module of the ``modules`` types, and
+    every parameter whose name matches an ``include`` pattern (fnmatch), unless it matches
+    an ``exclude`` pattern or has fewer than ``min_numel`` elements, is compressed;
+    everything else in the state dict (BN, biases, buffers, small tensors) travels raw.
+
+    >>> plan = wire_plan(nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 50)), 100, [nn.Embedding])
+    >>> [(s.name, s.compressed) for s in plan]
+    [('0.weight', True), ('1.weight', False), ('1.bias', False)]
+    """
+    chosen = {
         f"{mod_name}.weight" if mod_name else "weight"
         for mod_name, mod in model.named_modules()
-        if isinstance(mod, COMPRESSIBLE) and mod.weight.numel() >= min_numel
+        if isinstance(mod, tuple(modules))
+        and isinstance(getattr(mod, "weight", None), torch.Tensor)
+    }
+    chosen |= {n for n, _ in model.named_parameters() if any(fnmatch(n, p) for p in include)}
+    params = dict(model.named_parameters())
+    compressible = {
+        n
+        for n in chosen
+        if n in params
+        and params[n].is_floating_point()
+        and params[n].numel() >= min_numel
+        and not any(fnmatch(n, p) for p in exclude)
     }
     return [
         TensorSpec(name, t.shape, t.dtype, name in compressible)

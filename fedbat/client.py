@@ -4,16 +4,40 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
+from lightning.fabric import Fabric
 
-from compressors import Compressor, ErrorFeedback, TensorSpec, encode_update
+from compressors import Compressor, ErrorFeedback, TensorSpec, TrainingHook, encode_update
 from compressors.base import all_finite
-from datamodules import FederatedDataModule
+from fedbat.contract import (
+    LogCollector,
+    ServerSchedule,
+    batch_size_of,
+    call_hook,
+    optimization,
+    training_loss,
+)
 from fedbat.seeding import derive_seed, generator
+
+
+class ClientData(Protocol):
+    """What local training needs of a dataset split over clients: the built-in in-memory
+    ``FederatedDataModule`` and ``DatasetClients`` (any Dataset, lazily) both provide it."""
+
+    num_clients: int
+
+    def client_size(self, client: int) -> int: ...
+
+    def client_batches(
+        self, client: int, batch_size: int, generator: torch.Generator, device: Any
+    ) -> Iterator[Any]: ...
+
+    def test_batches(self, batch_size: int, device: Any) -> Iterator[Any]: ...
 
 
 @dataclass
@@ -28,6 +52,7 @@ class ClientResult:
     compress_s: float
     residuals: dict[str, torch.Tensor]  # this client's error-feedback state after encoding
     failure: str = ""  # why the client sent nothing (its packet is then empty)
+    logs: dict[str, float] = field(default_factory=dict)  # training_step's self.log, averaged
 
     @property
     def ok(self) -> bool:
@@ -36,58 +61,49 @@ class ClientResult:
 
 @dataclass
 class LocalTraining:
-    """The client-side settings of a run."""
+    """The client-side settings of a run; ``fabric`` does backward, precision and the
+    optimizer step (None: plain PyTorch, for unit tests on CPU)."""
 
     epochs: int
     batch_size: int
     seed: int
     device: torch.device
-    autocast: Callable[[], AbstractContextManager] = nullcontext
-    fp16: bool = False  # 16-mixed precision: scale the loss against underflow
+    fabric: Fabric | None = None
+
+    def steps(self, num_samples: int) -> int:
+        """Local optimizer steps of a client holding ``num_samples`` samples."""
+        return self.epochs * math.ceil(num_samples / self.batch_size)
 
 
 def train_client(
     task: torch.nn.Module,
     held: dict[str, torch.Tensor],
-    dm: FederatedDataModule,
+    data: ClientData,
     client: int,
     round_idx: int,
     cfg: LocalTraining,
     plan: list[TensorSpec],
     uplink: Compressor,
     memory: ErrorFeedback | None,
+    schedule: ServerSchedule | None = None,
 ) -> ClientResult:
     """Train ``client`` from the weights it holds and encode ``w_client - held``.
 
-    ``task`` is a reused worker LightningModule on ``cfg.device``; all of this client's
-    randomness (data order, FedBAT draws, dropout) is seeded by (seed, round, client).
+    ``task`` is a reused worker LightningModule on ``cfg.device``, run under its own contract
+    (``fedbat/contract.py``); all of this client's randomness (data order, FedBAT draws,
+    dropout) is seeded by (seed, round, client).
     """
     seed = derive_seed(cfg.seed, round_idx, client)
     torch.manual_seed(seed)
     data_gen = torch.Generator().manual_seed(seed)
     task.load_state_dict(held)
     task.train()
-    n = dm.client_size(client)
-    steps = cfg.epochs * math.ceil(n / cfg.batch_size)
-    hook = uplink.training_hook(task, [s.name for s in plan if s.compressed], steps)
-    optimizer = task.configure_optimizers()
-    scaler = torch.amp.GradScaler(cfg.device.type, enabled=cfg.fp16)
-    loss_sum, step = torch.zeros((), device=cfg.device), 0
-    for _epoch in range(cfg.epochs):
-        for xb, yb in dm.client_batches(client, cfg.batch_size, data_gen, cfg.device):
-            with cfg.autocast():
-                loss = task.training_step((xb, yb), step)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach()
-            if hook is not None:
-                hook.after_step(step)
-            step += 1
+    n = data.client_size(client)
+    hook = uplink.training_hook(task, [s.name for s in plan if s.compressed], cfg.steps(n))
+    loss_sum, logs = _local_epochs(task, data, client, data_gen, cfg, hook, schedule)
     start = time.perf_counter()
     preencoded = hook.finalize() if hook is not None else None
-    train_loss = float(loss_sum) / max(step, 1)
+    train_loss = float(loss_sum) / max(cfg.steps(n), 1)
     state = task.state_dict()
     update = {k: (state[k].detach().cpu() - held[k]) for k in held}
     if not math.isfinite(train_loss) or not all(all_finite(u.float()) for u in update.values()):
@@ -103,4 +119,53 @@ def train_client(
         train_loss,
         time.perf_counter() - start,
         residuals,
+        logs=logs,
     )
+
+
+def _local_epochs(
+    task: torch.nn.Module,
+    data: ClientData,
+    client: int,
+    data_gen: torch.Generator,
+    cfg: LocalTraining,
+    hook: TrainingHook | None,
+    schedule: ServerSchedule | None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Lightning's training loop for one client, hooks in Lightning's order; returns the
+    summed loss and what ``training_step`` passed to ``self.log``."""
+    opt = optimization(task)
+    if schedule is not None:
+        schedule.start_client(opt)
+    fabric = cfg.fabric
+    optimizer = fabric.setup_optimizers(opt.optimizer) if fabric else opt.optimizer
+    backward = fabric.backward if fabric else torch.Tensor.backward
+    autocast = fabric.autocast if fabric else nullcontext
+    logs = LogCollector().attach(task)
+    loss_sum, step = torch.zeros((), device=cfg.device), 0
+    call_hook(task, "on_train_start")
+    for _epoch in range(cfg.epochs):
+        call_hook(task, "on_train_epoch_start")
+        batches = data.client_batches(client, cfg.batch_size, data_gen, cfg.device)
+        for batch_idx, batch in enumerate(batches):
+            logs.batch_size = batch_size_of(batch)
+            call_hook(task, "on_train_batch_start", batch, batch_idx)
+            with autocast():
+                out = task.training_step(batch, batch_idx)
+            loss = training_loss(out)
+            optimizer.zero_grad(set_to_none=True)
+            call_hook(task, "on_before_backward", loss)
+            backward(loss)
+            call_hook(task, "on_after_backward")
+            call_hook(task, "on_before_optimizer_step", optimizer)
+            optimizer.step()
+            if schedule is not None and schedule.client_steps_scheduler(opt, step):
+                opt.scheduler.step()
+            call_hook(task, "on_train_batch_end", out, batch, batch_idx)
+            loss_sum += loss.detach()
+            if hook is not None:
+                hook.after_step(step)
+            step += 1
+        call_hook(task, "on_train_epoch_end")
+    call_hook(task, "on_train_end")
+    return loss_sum, logs.compute()

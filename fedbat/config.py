@@ -9,6 +9,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from compressors import build_pair
+from compressors.packet import module_types
 from datamodules import PARTITIONERS, READERS
 from fedbat.errors import ConfigError, check_range
 from fedbat.models import MODELS, check_params
@@ -62,8 +63,10 @@ def validate(cfg: DictConfig) -> None:
     d, f = cfg.data, cfg.fed
     _choice("data.name", d.name, READERS)
     _choice("data.partition", d.partition, PARTITIONERS)
-    _choice("model.name", cfg.model.name, MODELS)
-    check_params(cfg.model)
+    if not cfg.model.get("_target_"):
+        _choice("model.name", cfg.model.name, MODELS)
+        check_params(cfg.model)
+    _choice("monitor_mode", cfg.monitor_mode, ("max", "min"))
     check_range("seed", cfg.seed, 0, 2**32 - 1, integer=True)
     check_range("data.num_clients", d.num_clients, 1, 10**6, integer=True)
     check_range("data.alpha", d.alpha, 0.0, BIG, low_open=True)
@@ -81,6 +84,7 @@ def validate(cfg: DictConfig) -> None:
     if f.get("max_update_ratio") is not None:
         check_range("fed.max_update_ratio", f.max_update_ratio, 0.0, 1e30, low_open=True)
     check_range("policy.min_numel", cfg.policy.min_numel, 0, BIG, integer=True)
+    module_types(cfg.policy.modules)
     check_range("checkpoint.every", cfg.checkpoint.every, 1, BIG, integer=True)
     if cfg.get("target_acc") is not None:
         check_range("target_acc", cfg.target_acc, 0.0, 1.0)

@@ -33,7 +33,7 @@ def serialise(results: list[ClientResult]) -> bytes:
         for key, t in r.residuals.items():
             tensors[f"{r.client}/residual/{key}"] = t.contiguous()
         facts.append(
-            [r.client, r.payload_bits, r.num_samples, r.train_loss, r.compress_s, r.failure]
+            [r.client, r.payload_bits, r.num_samples, r.train_loss, r.compress_s, r.failure, r.logs]
         )
     return st_save(tensors, metadata={"facts": json.dumps(facts)})
 
@@ -41,11 +41,11 @@ def serialise(results: list[ClientResult]) -> bytes:
 def deserialise(blob: bytes) -> list[ClientResult]:
     tensors = st_load(blob)
     out = []
-    for client, payload, n, loss, secs, failure in json.loads(read_metadata(blob)["facts"]):
+    for client, payload, n, loss, secs, failure, logs in json.loads(read_metadata(blob)["facts"]):
         prefix = f"{client}/residual/"
         residuals = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         data = tensors[f"{client}/packet"].numpy().tobytes()
-        out.append(ClientResult(client, data, payload, n, loss, secs, residuals, failure))
+        out.append(ClientResult(client, data, payload, n, loss, secs, residuals, failure, logs))
     return out
 
 

@@ -6,6 +6,7 @@ sampled clients. With one process this is plain sequential simulation.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -16,16 +17,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 
 from compressors import ErrorFeedback, build_pair, wire_plan
+from compressors.packet import module_types
 from datamodules import FederatedDataModule
+from datamodules.dataset import from_datamodule
 from fedbat import checkpoint, exchange, rundir
 from fedbat.accounting import BitCounter
-from fedbat.client import LocalTraining, train_client
+from fedbat.client import ClientData, LocalTraining, train_client
 from fedbat.config import check_resumable, validate
+from fedbat.contract import ServerSchedule, evaluate
 from fedbat.errors import CheckpointError, ConfigError, RunDirError
 from fedbat.loggers import build_loggers, close_loggers, is_wandb
 from fedbat.models import build as build_model
@@ -60,24 +65,74 @@ def threads_per_process(cfg: DictConfig, fabric: Fabric) -> int:
     return max(1, (os.cpu_count() or 1) // local) if local > 1 else torch.get_num_threads()
 
 
-def build_task(cfg: DictConfig, dm: FederatedDataModule) -> ClassificationTask:
-    """The model is initialised from the run seed alone, identically on every rank."""
+def build_task(cfg: DictConfig, dm: ClientData) -> L.LightningModule:
+    """``task._target_`` (a user's LightningModule) when set; else the built-in task around
+    ``model`` (a registry name, or ``model._target_``). Initialised from the run seed
+    alone, identically on every rank."""
     torch.manual_seed(cfg.seed)
+    if cfg.task.get("_target_"):
+        return instantiate_target(cfg.task, "task")
     params = {k: v for k, v in cfg.model.items() if k != "name"}
-    with warnings.catch_warnings():  # a model too big for the input says so just below
-        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
-        model = build_model(cfg.model.name, dm.input_shape, dm.num_classes, **params)
-    check_fits(model, cfg.model.name, dm.input_shape)
+    if cfg.model.get("_target_"):
+        model = instantiate_target(OmegaConf.create(params), "model")
+    else:
+        with warnings.catch_warnings():  # a model too big for the input says so just below
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            model = build_model(cfg.model.name, dm.input_shape, dm.num_classes, **params)
+        check_fits(model, cfg.model.name, dm.input_shape)
     f = cfg.fed
     return ClassificationTask(model, dm.num_classes, f.lr, f.momentum, f.weight_decay)
 
 
-def build_datamodule(cfg: DictConfig) -> FederatedDataModule:
+def build_datamodule(cfg: DictConfig) -> ClientData:
+    """``datamodule._target_`` (a user's LightningDataModule) split over clients lazily, or
+    the built-in in-memory reader ``data.name``."""
+    if cfg.datamodule.get("_target_"):
+        return from_datamodule(instantiate_target(cfg.datamodule, "datamodule"), **split_args(cfg))
     d = OmegaConf.to_container(cfg.data, resolve=True)
     assert isinstance(d, dict)
+    d = {k: v for k, v in d.items() if k not in ("label_fn", "client_key")}
     dm = FederatedDataModule(seed=cfg.seed, **d)  # type: ignore[arg-type]
     dm.setup()
     return dm
+
+
+def split_args(cfg: DictConfig) -> dict[str, Any]:
+    """How a user's dataset is split: the ``data`` keys, and ``data.label_fn`` /
+    ``data.client_key`` as dotted paths of functions."""
+    d = cfg.data
+    out: dict[str, Any] = {
+        "num_clients": d.num_clients,
+        "partition_name": d.partition,
+        "seed": cfg.seed,
+        "alpha": d.alpha,
+        "classes_per_client": d.classes_per_client,
+    }
+    for key in ("label_fn", "client_key"):
+        if d.get(key):
+            out[key] = resolve_function(f"data.{key}", d[key])
+    return out
+
+
+def instantiate_target(node: DictConfig, key: str) -> Any:
+    """``hydra.utils.instantiate`` with a one-line error naming ``key._target_``."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        reason = " ".join(str(err).split())[:200]
+        raise ConfigError(f"{key}._target_={node._target_!r}: {reason}") from None
+
+
+def resolve_function(key: str, path: str) -> Any:
+    from hydra.utils import get_method
+
+    try:
+        return get_method(path)
+    except Exception as err:
+        raise ConfigError(f"{key}={path!r}: not an importable function ({err})") from None
 
 
 class Interrupted(KeyboardInterrupt):
@@ -108,11 +163,28 @@ def _on_sigterm(signum: int, frame: object) -> None:
 class Federation:
     """What a run holds between rounds, and one round (DESIGN.md steps 1-7)."""
 
-    def __init__(self, cfg: DictConfig, fabric: Fabric) -> None:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        fabric: Fabric,
+        task: L.LightningModule | None = None,
+        data: ClientData | None = None,
+    ) -> None:
         self.cfg, self.fabric, f = cfg, fabric, cfg.fed
-        self.dm = build_datamodule(cfg)
-        self.task = build_task(cfg, self.dm).to(fabric.device)
-        self.plan = wire_plan(self.task, cfg.policy.min_numel)
+        self.dm = data if data is not None else build_datamodule(cfg)
+        if self.dm.num_clients < f.clients_per_round:
+            raise ConfigError(
+                f"fed.clients_per_round={f.clients_per_round}: the data has only "
+                f"{self.dm.num_clients} clients"
+            )
+        self.task = task if task is not None else build_task(cfg, self.dm)
+        if fabric.world_size > 1:  # a module built by the user's script: rank 0's weights
+            self.task.load_state_dict(fabric.broadcast(self.task.state_dict(), src=0))
+        self.task = self.task.to(fabric.device)
+        p = cfg.policy
+        self.plan = wire_plan(
+            self.task, p.min_numel, module_types(p.modules), list(p.include), list(p.exclude)
+        )
         self.uplink, downlink = build_pair(OmegaConf.to_container(cfg.compressor, resolve=True))
         self.server = Server(
             self.task,
@@ -128,19 +200,13 @@ class Federation:
         self.up_memory = ErrorFeedback() if lossy_ef else None
         self.bits = BitCounter()
         self.history: list[dict[str, float]] = []
-        self.local = LocalTraining(
-            f.local_epochs,
-            f.batch_size,
-            cfg.seed,
-            fabric.device,
-            fabric.autocast,
-            fp16=str(cfg.trainer.precision).startswith("16"),
-        )
+        self.local = LocalTraining(f.local_epochs, f.batch_size, cfg.seed, fabric.device, fabric)
+        self.schedule = ServerSchedule(copy.deepcopy(self.task))  # checks the contract too
 
     def play_round(self, r: int) -> dict[str, float]:
         """Sample, train this rank's clients, exchange, aggregate, broadcast, count."""
         cfg, fabric, t0 = self.cfg, self.fabric, time.perf_counter()
-        clients = sample_clients(cfg.seed, r, cfg.data.num_clients, cfg.fed.clients_per_round)
+        clients = sample_clients(cfg.seed, r, self.dm.num_clients, cfg.fed.clients_per_round)
         results = [
             train_client(
                 self.task,
@@ -152,6 +218,7 @@ class Federation:
                 self.plan,
                 self.uplink,
                 self.up_memory,
+                self.schedule,
             )
             for c in clients[fabric.global_rank :: fabric.world_size]
         ]
@@ -161,6 +228,8 @@ class Federation:
             for res in results:
                 self.up_memory.residuals.update(res.residuals)  # keys: "client/tensor"
         agg = self.server.aggregate(results)
+        lr = self.schedule.lr
+        self.schedule.end_round(max(self.local.steps(self.dm.client_size(c)) for c in clients))
         t_down = time.perf_counter()
         broadcast = self.server.broadcast(r)
         compress_s = sum(res.compress_s for res in results) + time.perf_counter() - t_down
@@ -179,11 +248,13 @@ class Federation:
                 "clients/rejected": len(agg.rejected),
             }
             | {f"fedbat/{k}": v for k, v in agg.stats.items()}
+            | agg.logs
+            | ({"train/lr": lr} if lr is not None else {})
         )
 
     def evaluate(self) -> dict[str, float]:
         self.task.load_state_dict(self.server.global_state())
-        return self.task.evaluate(self.dm.test_batches(1024, self.fabric.device))
+        return evaluate(self.task, self.dm.test_batches(1024, self.fabric.device))
 
     def state_dict(self, completed: int, wandb_id: str | None) -> dict[str, Any]:
         return {
@@ -191,6 +262,7 @@ class Federation:
             "server": self.server.state_dict(),
             "uplink_memory": self.up_memory.state_dict() if self.up_memory is not None else {},
             "bits": self.bits.state_dict(),
+            "schedule": self.schedule.state_dict(),
             "history": self.history,
             "wandb_id": wandb_id or "",
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
@@ -201,10 +273,13 @@ class Federation:
         if self.up_memory is not None:
             self.up_memory = ErrorFeedback(state["uplink_memory"])
         self.bits = BitCounter(**state["bits"])
+        self.schedule.load_state_dict(state.get("schedule", {}))
         self.history = state["history"]
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(
+    cfg: DictConfig, task: L.LightningModule | None = None, data: ClientData | None = None
+) -> dict[str, Any]:
     """Train ``cfg`` to ``fed.rounds`` rounds (resuming from ``run_dir`` when it holds a
     checkpoint of the same run); returns the run summary.
 
@@ -224,7 +299,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             rundir.remove_stale(run_dir)
         fabric.launch()
         torch.set_num_threads(threads_per_process(cfg, fabric))
-        return _train(cfg, fabric, run_dir)
+        return _train(cfg, fabric, run_dir, task, data)
     except ConfigError:
         lock.release()
         if run_dir.is_dir() and not any(run_dir.iterdir()):
@@ -235,10 +310,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
 
-def _train(cfg: DictConfig, fabric: Fabric, run_dir: Path) -> dict[str, Any]:
+def _train(
+    cfg: DictConfig,
+    fabric: Fabric,
+    run_dir: Path,
+    task: L.LightningModule | None,
+    data: ClientData | None,
+) -> dict[str, Any]:
     f = cfg.fed
     resume_state = _resume_state(cfg, run_dir)
-    fed = Federation(cfg, fabric)
+    fed = Federation(cfg, fabric, task, data)
     start, wandb_id, saved = 0, None, None
     if resume_state is not None:
         try:
@@ -323,21 +404,28 @@ def _resume_state(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
 
 
 def summarise(history: list[dict[str, float]], cfg: DictConfig) -> dict[str, Any]:
-    """Best/final accuracy, total bits, and the uplink bits at which the run first reached
-    ``target_acc`` (None when it never did)."""
-    evals = [h for h in history if "test/acc" in h]
+    """Best/final value of the monitored metric (``monitor``, ``test/acc`` by default; best
+    is the max, or the min with ``monitor_mode=min``), total bits, and the uplink bits at
+    which it first reached ``target_acc`` (None when it never did)."""
+    key, lower = cfg.get("monitor", "test/acc"), cfg.get("monitor_mode", "max") == "min"
+    evals = [h for h in history if key in h]
     target = cfg.get("target_acc")
-    reached = next(
-        (h["bits/uplink_cum"] for h in evals if target is not None and h["test/acc"] >= target),
-        None,
+
+    def reached(value: float) -> bool:
+        return value <= target if lower else value >= target
+
+    hit = next(
+        (h["bits/uplink_cum"] for h in evals if target is not None and reached(h[key])), None
     )
     last = history[-1] if history else {}
+    best = (min if lower else max)((h[key] for h in evals), default=None)
     return {
         "rounds": len(history),
-        "final_acc": evals[-1]["test/acc"] if evals else None,
-        "best_acc": max((h["test/acc"] for h in evals), default=None),
+        "monitor": key,
+        "final_acc": evals[-1][key] if evals else None,
+        "best_acc": best,
         "bits_uplink_total": last.get("bits/uplink_cum", 0),
         "bits_downlink_total": last.get("bits/downlink_cum", 0),
         "target_acc": target,
-        "bits_uplink_to_target": reached,
+        "bits_uplink_to_target": hit,
     }

@@ -25,6 +25,7 @@ class Aggregate:
     rejected: dict[int, str] = field(default_factory=dict)
     train_loss: float = float("nan")
     stats: dict[str, float] = field(default_factory=dict)
+    logs: dict[str, float] = field(default_factory=dict)  # self.log of training_step
 
 
 class Server:
@@ -80,6 +81,7 @@ class Server:
         total = float(sum(weights))
         out.train_loss = sum(w * loss for w, loss in zip(weights, losses, strict=True)) / total
         out.stats = {k: v / len(updates) for k, v in out.stats.items()}
+        out.logs = _weighted_logs([r for r in results if r.client in out.accepted])
         before = self.global_state(), copy.deepcopy(self.optimizer.state_dict())
         self._apply({s.name: _weighted_mean(updates, weights, total, s.name) for s in self.plan})
         if not all(all_finite(v.float()) for v in self.model.state_dict().values()):
@@ -146,6 +148,17 @@ class Server:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.memory is not None:
             self.memory = ErrorFeedback(state["memory"])
+
+
+def _weighted_logs(results: list[ClientResult]) -> dict[str, float]:
+    """Each logged name's mean over the clients that logged it, weighted by their samples."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for res in results:
+        for k, v in res.logs.items():
+            sums[k] = sums.get(k, 0.0) + v * res.num_samples
+            weights[k] = weights.get(k, 0.0) + res.num_samples
+    return {k: sums[k] / weights[k] for k in sorted(sums)}
 
 
 MAX_COUNTER_STEP = 2**31  # integer buffers (BN's num_batches_tracked) grow by steps taken

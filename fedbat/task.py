@@ -1,13 +1,9 @@
-"""The learning task: a LightningModule with the model, its loss, metrics and local optimizer.
-
-The federated loop only relies on ``training_step``, ``configure_optimizers`` and
-``evaluate``, so users bring their own task by subclassing :class:`ClassificationTask` or
-by writing a LightningModule with the same three methods.
-"""
+"""The built-in learning task: a plain LightningModule (model, cross-entropy, torchmetrics
+accuracy, the client's local SGD), written as any Lightning user writes one. fedbat relies
+on nothing beyond the LightningModule contract (``fedbat/contract.py``), so a user's own
+module takes its place unchanged (``fedbat.fit`` or ``task._target_=...``)."""
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 import lightning as L
 import torch
@@ -42,24 +38,15 @@ class ClassificationTask(L.LightningModule):
         x, y = batch
         return F.cross_entropy(self.model(x), y)
 
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int = 0) -> None:
+        x, y = batch
+        logits = self.model(x)
+        self.log("test/loss", F.cross_entropy(logits, y), batch_size=len(y))
+        self.accuracy.update(logits, y)
+        self.log("test/acc", self.accuracy)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.SGD(
             params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
         )
-
-    @torch.no_grad()
-    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        """Mean loss and accuracy over ``batches`` (the test set)."""
-        was_training = self.training
-        self.eval()
-        self.accuracy.reset()
-        loss_sum, n = 0.0, 0
-        for x, y in batches:
-            logits = self.model(x)
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            n += len(y)
-            self.accuracy.update(logits, y)
-        acc = float(self.accuracy.compute())
-        self.train(was_training)
-        return {"test/acc": acc, "test/loss": loss_sum / max(n, 1)}

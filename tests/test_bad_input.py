@@ -130,7 +130,7 @@ def test_stale_temporary_checkpoint_is_cleaned_up(tmp_path):
 def test_sigterm_in_round_0_does_not_claim_a_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        cli(run_dir, "model=cnn", "fed.local_epochs=40", "fed.rounds=2"),
+        cli(run_dir, "model=cnn", "fed.local_epochs=1000", "fed.rounds=2"),  # round 0: > 1 min
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

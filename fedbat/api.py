@@ -1,0 +1,73 @@
+"""``fedbat.fit``: federated training of your own LightningModule from Python.
+
+The same config keys as the command line (``compressor=fedbat``, ``fed.rounds=5``,
+``trainer.devices=2``, ...), the same run dir (metrics.csv, checkpoint.pt, summary.json,
+W&B), the same resume. With ``trainer.devices > 1`` Fabric re-runs your script for the other
+processes, as Lightning does: call ``fit`` from a script, under ``if __name__ == "__main__"``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import open_dict
+from torch.utils.data import Dataset
+
+from datamodules.dataset import DatasetClients, from_datamodule
+from fedbat.cli import compose
+from fedbat.config import validate
+from fedbat.loop import run
+
+
+def fit(
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule | None = None,
+    *,
+    train_dataset: Dataset | None = None,
+    test_dataset: Dataset | None = None,
+    overrides: Sequence[str] = (),
+    label_fn: Callable[[Any], int] | None = None,
+    client_key: Callable[[Any], Hashable] | None = None,
+) -> dict[str, Any]:
+    """Train ``module`` federatedly on ``datamodule`` (or a ``train_dataset`` /
+    ``test_dataset`` pair) and return the run summary.
+
+    The training set is split over ``data.num_clients`` clients by ``data.partition`` (labels
+    from the dataset's ``targets`` or ``label_fn``), or one client per ``client_key(sample)``.
+    The run dir is ``run_dir=...`` when given, else ``runs/<ModuleClass>/<overrides>``.
+    """
+    if (datamodule is None) == (train_dataset is None):
+        raise TypeError("fit: pass either a datamodule or a train_dataset")
+    cfg = compose(list(overrides))
+    with open_dict(cfg):
+        if cfg.run_dir is None:
+            cfg.run_dir = str(default_run_dir(type(module).__name__, overrides))
+    validate(cfg)
+    d = cfg.data
+    split = {
+        "num_clients": d.num_clients,
+        "partition_name": d.partition,
+        "seed": cfg.seed,
+        "alpha": d.alpha,
+        "classes_per_client": d.classes_per_client,
+        "label_fn": label_fn,
+        "client_key": client_key,
+    }
+    if datamodule is not None:
+        data = from_datamodule(datamodule, **split)
+    else:
+        data = DatasetClients(train_dataset, test_dataset, **split)  # type: ignore[arg-type]
+    with open_dict(cfg):  # a natural partition decides the number of clients
+        cfg.data.num_clients = data.num_clients
+    return run(cfg, task=module, data=data)
+
+
+def default_run_dir(name: str, overrides: Sequence[str]) -> Path:
+    """``runs/<name>/<overrides joined as Hydra names its run dirs>``."""
+    kept = sorted(o for o in overrides if not o.split("=")[0].startswith(("trainer.", "progress")))
+    tail = ",".join(kept) or "default"
+    return Path("runs") / name / re.sub(r"[^\w.=,+-]", "_", tail)

@@ -1,0 +1,1 @@
+"""A user's own Lightning project, written without fedbat in mind (used by the tests)."""
