@@ -14,7 +14,7 @@ from collections.abc import Callable
 import _isolate  # noqa: F401
 import torch
 
-import compressors as C
+import fedbat.compressors as C
 from fedbat.models import build
 
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import open_dict
 
-from datamodules import FederatedDataModule
 from fedbat.cli import compose
+from fedbat.datamodules import FederatedDataModule
 from fedbat.loop import run
 from fedbat.models import build
 

@@ -1,6 +1,6 @@
 """The compressor registry and every compressor; the wire format; error feedback.
 
->>> from compressors import available
+>>> from fedbat.compressors import available
 >>> available()
 ['ef_signsgd', 'fedbat', 'none', 'qsgd', 'signsgd', 'topk']
 """
@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from compressors import fedbat, none, qsgd, signsgd, topk  # noqa: F401  (registration)
-from compressors.base import Compressor, Fields, TrainingHook
-from compressors.memory import ErrorFeedback
-from compressors.packet import Packet, TensorSpec, wire_plan
-from compressors.registry import COMPRESSORS, register
-from compressors.update import decode_update, encode_update
+from fedbat.compressors import fedbat, none, qsgd, signsgd, topk  # noqa: F401  (registration)
+from fedbat.compressors.base import Compressor, Fields, TrainingHook
+from fedbat.compressors.memory import ErrorFeedback
+from fedbat.compressors.packet import Packet, TensorSpec, wire_plan
+from fedbat.compressors.registry import COMPRESSORS, register
+from fedbat.compressors.update import decode_update, encode_update
 from fedbat.errors import ConfigError
 
 __all__ = [

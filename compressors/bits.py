@@ -89,7 +89,7 @@ def scaled_signs_bytes(numel: int) -> int:
 
 def decode_scaled_signs(fields: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
     """Inverse of :func:`encode_scaled_signs`, validating the fields."""
-    from compressors.base import expect
+    from fedbat.compressors.base import expect
 
     n = int(np.prod(shape))
     signs = expect(fields, "signs", torch.uint8, (n + 7) // 8)

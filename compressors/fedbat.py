@@ -1,4 +1,5 @@
-"""``fedbat``: Federated Binarization-Aware Training (ICML 2024), as in DESIGN.md.
+"""``fedbat``: Federated Binarization-Aware Training (ICML 2024), as in the paper and the
+authors' code.
 
 Uplink: during local training every compressed weight ``w`` (frozen) is used as ``w + U``
 where the client learns an update ``m`` and a step parameter ``s``:
@@ -17,9 +18,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compressors.base import Compressor, Fields
-from compressors.bits import decode_scaled_signs, encode_scaled_signs, scaled_signs_bytes
-from compressors.registry import register
+from fedbat.compressors.base import Compressor, Fields
+from fedbat.compressors.bits import decode_scaled_signs, encode_scaled_signs, scaled_signs_bytes
+from fedbat.compressors.registry import register
 from fedbat.errors import check_range
 
 ALPHA_MIN, ALPHA_MAX = 5e-4, 5e-2

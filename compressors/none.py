@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from compressors.base import Compressor, Fields, expect
-from compressors.registry import register
+from fedbat.compressors.base import Compressor, Fields, expect
+from fedbat.compressors.registry import register
 
 
 @register("none")

@@ -28,7 +28,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from compressors.base import Compressor, Fields
+from fedbat.compressors.base import Compressor, Fields
 from fedbat.errors import ConfigError, PacketError
 
 FORMAT, VERSION = "fedbat.packet", "1"

@@ -16,9 +16,9 @@ import zlib
 
 import torch
 
-from compressors.base import Compressor, Fields, expect
-from compressors.bits import pack_uint, unpack_uint
-from compressors.registry import register
+from fedbat.compressors.base import Compressor, Fields, expect
+from fedbat.compressors.bits import pack_uint, unpack_uint
+from fedbat.compressors.registry import register
 from fedbat.errors import ConfigError, PacketError, check_range
 
 CODINGS = ("fixed", "deflate")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from compressors.base import Compressor, Fields
-from compressors.bits import decode_scaled_signs, encode_scaled_signs, scaled_signs_bytes
-from compressors.registry import register
+from fedbat.compressors.base import Compressor, Fields
+from fedbat.compressors.bits import decode_scaled_signs, encode_scaled_signs, scaled_signs_bytes
+from fedbat.compressors.registry import register
 
 
 @register("signsgd")

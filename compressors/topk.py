@@ -10,9 +10,9 @@ import math
 
 import torch
 
-from compressors.base import Compressor, Fields, expect
-from compressors.bits import pack_bits, unpack_bits
-from compressors.registry import register
+from fedbat.compressors.base import Compressor, Fields, expect
+from fedbat.compressors.bits import pack_bits, unpack_bits
+from fedbat.compressors.registry import register
 from fedbat.errors import PacketError, check_range
 
 

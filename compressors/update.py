@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from compressors.base import Compressor, Fields, expect
-from compressors.memory import ErrorFeedback
-from compressors.packet import Packet, TensorSpec, pack, unpack
+from fedbat.compressors.base import Compressor, Fields, expect
+from fedbat.compressors.memory import ErrorFeedback
+from fedbat.compressors.packet import Packet, TensorSpec, pack, unpack
 from fedbat.errors import PacketError
 
 

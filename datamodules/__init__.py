@@ -1,7 +1,7 @@
 """Federated datamodules: a dataset in memory plus its partition over clients."""
 
-from datamodules.datasets import READERS, Splits, load
-from datamodules.federated import FederatedDataModule
-from datamodules.partition import PARTITIONERS, partition
+from fedbat.datamodules.datasets import READERS, Splits, load
+from fedbat.datamodules.federated import FederatedDataModule
+from fedbat.datamodules.partition import PARTITIONERS, partition
 
 __all__ = ["PARTITIONERS", "READERS", "FederatedDataModule", "Splits", "load", "partition"]

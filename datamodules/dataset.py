@@ -27,7 +27,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from datamodules.partition import partition
+from fedbat.datamodules.partition import partition
 from fedbat.errors import ConfigError
 
 LOADER_KEYS = ("collate_fn", "num_workers", "pin_memory", "persistent_workers")

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from datamodules.datasets import Splits, load
-from datamodules.partition import partition
+from fedbat.datamodules.datasets import Splits, load
+from fedbat.datamodules.partition import partition
 
 
 class FederatedDataModule(L.LightningDataModule):

@@ -19,9 +19,9 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from datamodules.datasets import Splits
-from datamodules.datasets import register as register_dataset
 from fedbat.cli import main
+from fedbat.datamodules.datasets import Splits
+from fedbat.datamodules.datasets import register as register_dataset
 from fedbat.models import register as register_model
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from compressors import Packet, TensorSpec
 from fedbat.client import ClientResult
+from fedbat.compressors import Packet, TensorSpec
 
 
 def fp32_bits(plan: list[TensorSpec]) -> int:

@@ -17,9 +17,9 @@ import lightning as L
 from omegaconf import open_dict
 from torch.utils.data import Dataset
 
-from datamodules.dataset import DatasetClients, from_datamodule
 from fedbat.cli import compose
 from fedbat.config import validate
+from fedbat.datamodules.dataset import DatasetClients, from_datamodule
 from fedbat.loop import run
 
 

@@ -59,7 +59,7 @@ def compose(overrides: list[str], with_hydra: bool = False):
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    with initialize_config_module("configs", version_base="1.3"):
+    with initialize_config_module("fedbat.configs", version_base="1.3"):
         return hydra_compose("train", overrides=overrides, return_hydra_config=with_hydra)
 
 
@@ -139,8 +139,8 @@ def list_registered() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from compressors import COMPRESSORS
-    from datamodules import PARTITIONERS, READERS
+    from fedbat.compressors import COMPRESSORS
+    from fedbat.datamodules import PARTITIONERS, READERS
     from fedbat.models import MODELS
 
     table = Table("kind", "names")

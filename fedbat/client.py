@@ -1,4 +1,5 @@
-"""Local training of one client and the encoding of its update (DESIGN.md steps 2-4)."""
+"""Local training of one client and the encoding of its update (docs/architecture.md,
+"One round", steps 2-4)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from typing import Any, Protocol
 import torch
 from lightning.fabric import Fabric
 
-from compressors import Compressor, ErrorFeedback, TensorSpec, TrainingHook, encode_update
-from compressors.base import all_finite
+from fedbat.compressors import Compressor, ErrorFeedback, TensorSpec, TrainingHook, encode_update
+from fedbat.compressors.base import all_finite
 from fedbat.contract import (
     LogCollector,
     ServerSchedule,

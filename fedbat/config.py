@@ -8,9 +8,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from compressors import build_pair
-from compressors.packet import module_types
-from datamodules import PARTITIONERS, READERS
+from fedbat.compressors import build_pair
+from fedbat.compressors.packet import module_types
+from fedbat.datamodules import PARTITIONERS, READERS
 from fedbat.errors import ConfigError, check_range
 from fedbat.models import MODELS, check_params
 

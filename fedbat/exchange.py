@@ -16,8 +16,8 @@ from lightning.fabric import Fabric
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from compressors.packet import read_metadata
 from fedbat.client import ClientResult
+from fedbat.compressors.packet import read_metadata
 from fedbat.errors import PeerLost
 
 

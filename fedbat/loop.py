@@ -1,4 +1,5 @@
-"""The federated loop on Lightning Fabric: one round as DESIGN.md describes it.
+"""The federated loop on Lightning Fabric: one round as docs/architecture.md ("One round")
+describes it.
 
 Every process runs the same deterministic server logic; rank r trains its share of the
 sampled clients. With one process this is plain sequential simulation.
@@ -22,15 +23,15 @@ import torch
 from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 
-from compressors import ErrorFeedback, build_pair, wire_plan
-from compressors.packet import module_types
-from datamodules import FederatedDataModule
-from datamodules.dataset import from_datamodule
 from fedbat import checkpoint, exchange, rundir
 from fedbat.accounting import BitCounter
 from fedbat.client import ClientData, LocalTraining, train_client
+from fedbat.compressors import ErrorFeedback, build_pair, wire_plan
+from fedbat.compressors.packet import module_types
 from fedbat.config import check_resumable, validate
 from fedbat.contract import ServerSchedule, evaluate
+from fedbat.datamodules import FederatedDataModule
+from fedbat.datamodules.dataset import from_datamodule
 from fedbat.errors import CheckpointError, ConfigError, RunDirError
 from fedbat.loggers import build_loggers, close_loggers, is_wandb
 from fedbat.models import build as build_model
@@ -161,7 +162,8 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 class Federation:
-    """What a run holds between rounds, and one round (DESIGN.md steps 1-7)."""
+    """What a run holds between rounds, and one round (docs/architecture.md, "One round",
+    steps 1-8)."""
 
     def __init__(
         self,
@@ -299,7 +301,9 @@ def run(
             rundir.remove_stale(run_dir)
         fabric.launch()
         torch.set_num_threads(threads_per_process(cfg, fabric))
-        return _train(cfg, fabric, run_dir, task, data)
+        summary = _train(cfg, fabric, run_dir, task, data)
+        _leave_process_group(fabric)
+        return summary
     except ConfigError:
         lock.release()
         if run_dir.is_dir() and not any(run_dir.iterdir()):
@@ -308,6 +312,14 @@ def run(
     finally:
         lock.release()
         torch.set_num_threads(threads)
+
+
+def _leave_process_group(fabric: Fabric) -> None:
+    """Wait for every rank, then close the process group: a rank that exits while the
+    group's threads still run may abort ("terminate called without an active exception")."""
+    if fabric.world_size > 1 and torch.distributed.is_initialized():
+        fabric.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _train(

@@ -1,5 +1,6 @@
 """The server: aggregation of decoded client updates and the downlink broadcast
-(DESIGN.md steps 6-7). Every rank runs it identically, so all ranks hold the same model."""
+(docs/architecture.md, "One round", steps 6-7). Every rank runs it identically, so all
+ranks hold the same model."""
 
 from __future__ import annotations
 
@@ -10,9 +11,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from compressors import Compressor, ErrorFeedback, Packet, TensorSpec, decode_update, encode_update
-from compressors.base import all_finite
 from fedbat.client import ClientResult
+from fedbat.compressors import (
+    Compressor,
+    ErrorFeedback,
+    Packet,
+    TensorSpec,
+    decode_update,
+    encode_update,
+)
+from fedbat.compressors.base import all_finite
 from fedbat.errors import PacketError
 from fedbat.seeding import DOWNLINK, generator
 

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, open_dict
 
 from fedbat.errors import ConfigError, PeerLost
 
-CONFIG_PATH = "pkg://configs"
+CONFIG_PATH = "pkg://fedbat.configs"
 ORIGINAL_ARGV: list[str] = []  # the command as typed (``fedbat train ...``), set by the CLI
 
 

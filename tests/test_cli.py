@@ -123,3 +123,46 @@ def test_example_registers_its_own_model_and_dataset_on_every_rank(tmp_path):
     with open(tmp_path / "metrics.csv") as f:
         acc = [float(r["test/acc"]) for r in csv.DictReader(f)]
     assert len(acc) == 4 and acc[-1] > 0.85  # a real (easy) table: 2 classes, 30 features
+
+
+def _user_project(root: Path) -> Path:
+    """A user's project whose own top-level packages share fedbat's folder names."""
+    for name in ("configs", "compressors", "datamodules"):
+        (root / name).mkdir(parents=True)
+        (root / name / "__init__.py").write_text(f"raise ImportError('the user\\'s own {name}')\n")
+    (root / "configs" / "train.yaml").write_text("not: fedbat's\n")
+    return root
+
+
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        ["fedbat"],
+        [sys.executable, "-m", "fedbat.cli"],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=1",
+            "-m",
+            "fedbat.cli",
+        ],
+    ],
+    ids=["console-script", "python-m", "torchrun-m"],
+)
+def test_runs_from_a_project_with_its_own_configs_and_compressors(tmp_path, launcher):
+    import shutil
+
+    project = _user_project(tmp_path / "project")
+    if launcher[0] == "fedbat":
+        launcher = [shutil.which("fedbat") or pytest.skip("console script not on PATH")]
+    out = subprocess.run(
+        [*launcher, "train", "fed.rounds=1", "compressor=fedbat", "progress=false"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert list((project / "runs").glob("digits_mlp_fedbat/*/metrics.csv"))

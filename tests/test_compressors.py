@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-import compressors as C
-from compressors.bits import pack_bits, pack_uint, unpack_bits, unpack_uint
+import fedbat.compressors as C
+from fedbat.compressors.bits import pack_bits, pack_uint, unpack_bits, unpack_uint
 from fedbat.errors import ConfigError, PacketError
 from fedbat.models import build as build_model
 
@@ -170,7 +170,7 @@ def _fedbat_packet():
 
 
 def _repack(plan, comp, update, mutate):
-    from compressors.packet import pack
+    from fedbat.compressors.packet import pack
 
     fields = {
         s.name: comp.encode(update[s.name], gen()) if s.compressed else {"raw": update[s.name]}
@@ -243,7 +243,7 @@ def test_direction_overrides():
 def _qsgd_deflate_packet(mutate):
     """A real deflate-coded QSGD packet of a cnn update, with its largest tensor's fields
     changed by ``mutate``."""
-    from compressors.packet import pack
+    from fedbat.compressors.packet import pack
 
     model = build_model("cnn", (1, 8, 8), 10)
     plan = C.wire_plan(model)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from datamodules import FederatedDataModule, load
-from datamodules.federated import crop_flip
+from fedbat.datamodules import FederatedDataModule, load
+from fedbat.datamodules.federated import crop_flip
 from fedbat.errors import ConfigError, DataNotFoundError
 from tests.conftest import needs_fmnist
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-import compressors as C
-from compressors.fedbat import ALPHA_MAX, ALPHA_MIN, FedBATHook, ScaledBinarize, binarize
+import fedbat.compressors as C
+from fedbat.compressors.fedbat import ALPHA_MAX, ALPHA_MIN, FedBATHook, ScaledBinarize, binarize
 
 
 def test_forward_matches_definition():

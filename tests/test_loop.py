@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import compressors as C
+import fedbat.compressors as C
 from fedbat import checkpoint
 from fedbat.loop import build_datamodule, build_task, run
 from tests.conftest import make_cfg

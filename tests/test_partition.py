@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from datamodules.partition import MIN_CLIENT_SAMPLES, dirichlet, iid, label_count, partition
+from fedbat.datamodules.partition import MIN_CLIENT_SAMPLES, dirichlet, iid, label_count, partition
 from fedbat.errors import ConfigError
 
 LABELS = np.repeat(np.arange(10), 600)  # 6000 samples, 10 balanced classes

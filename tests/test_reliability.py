@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import compressors as C
-from compressors.packet import pack, unpack
+import fedbat.compressors as C
 from fedbat import checkpoint
 from fedbat.cli import main
 from fedbat.client import LocalTraining, train_client
+from fedbat.compressors.packet import pack, unpack
 from fedbat.loop import build_datamodule, build_task, run
 from fedbat.server import Server
 from tests.conftest import make_cfg

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datamodules.datasets import Splits, normalise, register
-from datamodules.datasets.files import find_root, missing
+from fedbat.datamodules.datasets import Splits, normalise, register
+from fedbat.datamodules.datasets.files import find_root, missing
 
 # (folder, train files, test file, label bytes per record, which label byte, mean, std)
 LAYOUTS = {

@@ -6,7 +6,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from datamodules.datasets import Splits, register
+from fedbat.datamodules.datasets import Splits, register
 
 
 @register("digits")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from datamodules.datasets import Splits, normalise, register
-from datamodules.datasets.files import find_root, missing
+from fedbat.datamodules.datasets import Splits, normalise, register
+from fedbat.datamodules.datasets.files import find_root, missing
 
 FILES = ("train_32x32.mat", "test_32x32.mat")
 DEFAULT_ROOTS = ("./data/svhn", "./data")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from datamodules.datasets import Splits, register
+from fedbat.datamodules.datasets import Splits, register
 
 
 @register("synthetic")
