@@ -29,7 +29,9 @@ def fit(tmp_path: Path, module=None, *overrides: str, **kw):
 @pytest.mark.parametrize("form", ["optimizer", "list", "lists", "dict", "dict-step"])
 def test_every_configure_optimizers_form_trains(tmp_path, form):
     torch.manual_seed(0)
-    summary = fit(tmp_path, LitClassifier(lr=0.5, optim=form))
+    module = LitClassifier(lr=0.5, optim=form)
+    summary = fit(tmp_path, module)
+    assert module.epochs_started == 3 * 5 * 2  # on_train_epoch_start: rounds x clients x epochs
     r = rows(tmp_path)
     acc = [float(x["val_acc"]) for x in r]
     assert summary["final_acc"] == pytest.approx(acc[-1]) and acc[-1] > 0.4, acc
@@ -144,3 +146,46 @@ def test_cli_refuses_a_module_it_cannot_honour_in_one_line(tmp_path):
         "fedbat: error: task: configure_optimizers gave 2 optimizer(s) (SGD, Adam); a federated "
         "client trains with exactly one torch.optim.Optimizer"
     ]
+
+
+FIT_SCRIPT = """
+import sys
+import torch
+import fedbat
+sys.path.insert(0, {root!r})
+from tests.user_project.lit import DigitsDataModule, LitClassifier
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    fedbat.fit(LitClassifier(lr=0.5, optim="dict"), DigitsDataModule(), overrides=sys.argv[1:])
+"""
+
+
+def test_fit_from_a_script_on_2_processes_equals_1(tmp_path):
+    """Fabric re-runs the user's script for rank 1, which joins the same fit."""
+    script = tmp_path / "train_mine.py"
+    script.write_text(FIT_SCRIPT.format(root=str(ROOT)))
+    common = [*BASE, "trainer.threads=1", "compressor=ef_signsgd"]
+    for devices in (1, 2):
+        out = subprocess.run(
+            [
+                sys.executable,
+                str(script),
+                *common,
+                f"trainer.devices={devices}",
+                f"run_dir={tmp_path / str(devices)}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+        )
+        assert out.returncode == 0, out.stderr
+    a, b = (checkpoint.load(tmp_path / d / "checkpoint.pt") for d in ("1", "2"))
+    drop = ("time/",)
+    assert [{k: v for k, v in h.items() if not k.startswith(drop)} for h in a["history"]] == [
+        {k: v for k, v in h.items() if not k.startswith(drop)} for h in b["history"]
+    ]
+    assert a["uplink_memory"].keys() == b["uplink_memory"].keys() != set()
+    for k, v in a["server"]["global"].items():
+        assert torch.equal(v, b["server"]["global"][k]), k
