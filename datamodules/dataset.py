@@ -77,6 +77,7 @@ class DatasetClients:
         seed: int = 0,
         alpha: float = 0.3,
         classes_per_client: int = 3,
+        class_assignment: str = "random",
         label_fn: Callable[[Any], int] | None = None,
         client_key: Callable[[Any], Hashable] | None = None,
         loader: dict[str, Any] | None = None,
@@ -95,6 +96,7 @@ class DatasetClients:
                 seed,
                 alpha=alpha,
                 classes_per_client=classes_per_client,
+                class_assignment=class_assignment,
             )
         self.client_indices = [torch.from_numpy(np.asarray(p, dtype=np.int64)) for p in parts]
         self.num_clients = len(self.client_indices)

@@ -34,12 +34,14 @@ class FederatedDataModule(L.LightningDataModule):
         root: str | None = None,
         alpha: float = 0.3,
         classes_per_client: int = 3,
+        class_assignment: str = "random",
         download: bool = False,
         **dataset_params: object,
     ) -> None:
         super().__init__()
         self.name, self.num_clients, self.partition_name = name, num_clients, partition
         self.seed, self.alpha, self.classes_per_client = seed, alpha, classes_per_client
+        self.class_assignment = class_assignment
         self.dataset_params = {"root": root, "download": download, **dataset_params}
         self.splits: Splits | None = None
         self.client_indices: list[torch.Tensor] = []
@@ -55,6 +57,7 @@ class FederatedDataModule(L.LightningDataModule):
             self.seed,
             alpha=self.alpha,
             classes_per_client=self.classes_per_client,
+            class_assignment=self.class_assignment,
         )
         self.client_indices = [torch.from_numpy(np.asarray(p, dtype=np.int64)) for p in parts]
 

@@ -65,17 +65,31 @@ def dirichlet(
     )
 
 
+ASSIGNMENTS = ("random", "authors")
+
+
 @_register("label_count")
 def label_count(
-    labels: np.ndarray, num_clients: int, seed: int, classes_per_client: int = 3, **_: object
+    labels: np.ndarray,
+    num_clients: int,
+    seed: int,
+    classes_per_client: int = 3,
+    class_assignment: str = "random",
+    **_: object,
 ) -> list[np.ndarray]:
     """Each client holds ``classes_per_client`` classes, picked greedily among the least-used
-    classes (ties broken at random); each class is split equally among its holders.
+    classes, ties broken at random (``random``) or by class index as the FedBAT authors do
+    (``authors``: 100 clients of 10 classes get 10 distinct sets of 3, each held by 10
+    clients); each class is split equally among its holders.
 
     >>> parts = label_count(np.arange(100) % 10, num_clients=10, seed=0, classes_per_client=2)
     >>> sorted({len(np.unique((np.arange(100) % 10)[p])) for p in parts})
     [2]
     """
+    if class_assignment not in ASSIGNMENTS:
+        raise ConfigError(
+            f"data.class_assignment={class_assignment!r}: must be one of {', '.join(ASSIGNMENTS)}"
+        )
     classes = np.unique(labels)
     if not 1 <= classes_per_client <= len(classes):
         raise ConfigError(
@@ -86,7 +100,11 @@ def label_count(
     usage = np.zeros(len(classes), dtype=np.int64)
     holders: list[list[int]] = [[] for _ in classes]
     for client in range(num_clients):
-        tie_break = rng.permutation(len(classes))
+        tie_break = (
+            np.arange(len(classes))
+            if class_assignment == "authors"
+            else rng.permutation(len(classes))
+        )
         order = np.lexsort((tie_break, usage))
         for c in order[:classes_per_client]:
             usage[c] += 1

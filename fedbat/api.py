@@ -54,6 +54,7 @@ def fit(
         "seed": cfg.seed,
         "alpha": d.alpha,
         "classes_per_client": d.classes_per_client,
+        "class_assignment": d.class_assignment,
         "label_fn": label_fn,
         "client_key": client_key,
     }

@@ -81,6 +81,8 @@ def validate(cfg: DictConfig) -> None:
     check_range("fed.server_lr", f.server_lr, 0.0, 100.0, low_open=True)
     check_range("fed.server_momentum", f.server_momentum, 0.0, 0.999)
     check_range("fed.eval_every", f.eval_every, 1, BIG, integer=True)
+    _choice("fed.weight_by", f.weight_by, ("samples", "batches"))
+    _choice("data.class_assignment", d.get("class_assignment", "random"), ("random", "authors"))
     if f.get("max_update_ratio") is not None:
         check_range("fed.max_update_ratio", f.max_update_ratio, 0.0, 1e30, low_open=True)
     check_range("policy.min_numel", cfg.policy.min_numel, 0, BIG, integer=True)

@@ -108,6 +108,7 @@ def split_args(cfg: DictConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "alpha": d.alpha,
         "classes_per_client": d.classes_per_client,
+        "class_assignment": d.class_assignment,
     }
     for key in ("label_fn", "client_key"):
         if d.get(key):
@@ -197,6 +198,7 @@ class Federation:
             f.server_momentum,
             cfg.seed,
             f.max_update_ratio,
+            f.batch_size if f.weight_by == "batches" else None,
         )
         lossy_ef = self.uplink.error_feedback and not self.uplink.lossless
         self.up_memory = ErrorFeedback() if lossy_ef else None

@@ -50,11 +50,13 @@ class Server:
         momentum: float = 0.0,
         seed: int = 0,
         max_update_ratio: float | None = 1000.0,
+        weight_batch_size: int | None = None,
     ) -> None:
         self.model = copy.deepcopy(task).cpu().requires_grad_(False)
         self.params = dict(self.model.named_parameters())
         self.plan, self.uplink, self.downlink, self.seed = plan, uplink, downlink, seed
         self.max_update_ratio = max_update_ratio
+        self.weight_batch_size = weight_batch_size  # set: weigh clients by batches, not samples
         self.optimizer = torch.optim.SGD(self.params.values(), lr=lr, momentum=momentum)
         self.held = self.global_state()
         self.previous = self.held  # the global model as of the last broadcast
@@ -80,7 +82,7 @@ class Server:
                 continue
             out.accepted.append(res.client)
             updates.append(update)
-            weights.append(res.num_samples)
+            weights.append(self.weight(res.num_samples))
             losses.append(res.train_loss)
             for k, v in stats.items():
                 out.stats[k] = out.stats.get(k, 0.0) + v
@@ -99,6 +101,12 @@ class Server:
             out.rejected |= dict.fromkeys(out.accepted, "the aggregate overflowed")
             out.accepted = []
         return out
+
+    def weight(self, num_samples: int) -> int:
+        """A client's aggregation weight: its samples, or (the FedBAT authors' choice) its
+        batches per epoch."""
+        b = self.weight_batch_size
+        return num_samples if b is None else -(-num_samples // b)
 
     def _update_norm_bound(self) -> float:
         """``max_update_ratio`` x the global model's L2 norm (at least 1): a larger client

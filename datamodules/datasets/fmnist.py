@@ -10,6 +10,7 @@ import torch
 
 from fedbat.datamodules.datasets import Splits, normalise, register
 from fedbat.datamodules.datasets.files import find_root, missing
+from fedbat.errors import ConfigError
 
 FILES = {
     "x_train": "train-images-idx3-ubyte.gz",
@@ -19,7 +20,9 @@ FILES = {
 }
 DEFAULT_ROOTS = ("./data/fashion-mnist", "/usr/share/datasets/fashion-mnist")
 HOW = "install them with `apt-get install dataset-fashion-mnist` or set data.root to their folder"
-MEAN, STD = 0.2860, 0.3530
+MEAN, STD = 0.2860, 0.3530  # the training split's statistics
+TEST_MEAN, TEST_STD = 0.2868, 0.3524  # the test split's, which the FedBAT authors use for it
+NORMALISATIONS = ("train", "per_split")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -35,7 +38,13 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 @register("fmnist")
-def load_fmnist(root: str | None = None, **_: object) -> Splits:
+def load_fmnist(root: str | None = None, normalize: str = "train", **_: object) -> Splits:
+    """``normalize``: ``train`` (both splits with the training statistics) or ``per_split``
+    (each split with its own, as the FedBAT authors' code does)."""
+    if normalize not in NORMALISATIONS:
+        raise ConfigError(
+            f"data.normalize={normalize!r}: must be one of {', '.join(NORMALISATIONS)}"
+        )
     base = find_root(root, DEFAULT_ROOTS, list(FILES.values()))
     if base is None:
         raise missing("fmnist", root, DEFAULT_ROOTS, HOW)
@@ -43,7 +52,10 @@ def load_fmnist(root: str | None = None, **_: object) -> Splits:
     return Splits(
         x_train=normalise(arrays["x_train"].unsqueeze(1), MEAN, STD),
         y_train=arrays["y_train"].long(),
-        x_test=normalise(arrays["x_test"].unsqueeze(1), MEAN, STD),
+        x_test=normalise(
+            arrays["x_test"].unsqueeze(1),
+            *((TEST_MEAN, TEST_STD) if normalize == "per_split" else (MEAN, STD)),
+        ),
         y_test=arrays["y_test"].long(),
         num_classes=10,
     )
