@@ -64,11 +64,13 @@ def build_loggers(
     if lcfg.get("tensorboard"):
         loggers.append(TensorBoardLogger(str(run_dir), name="", version="tensorboard"))
     if lcfg.get("wandb"):
-        loggers.append(_wandb_logger(cfg, run_dir, wandb_id))
+        loggers.append(_wandb_logger(cfg, run_dir, wandb_id, history))
     return loggers
 
 
-def _wandb_logger(cfg: DictConfig, run_dir: Path, wandb_id: str | None) -> Logger:
+def _wandb_logger(
+    cfg: DictConfig, run_dir: Path, wandb_id: str | None, history: list[dict[str, float]]
+) -> Logger:
     import wandb
     from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 
@@ -106,9 +108,9 @@ def _wandb_logger(cfg: DictConfig, run_dir: Path, wandb_id: str | None) -> Logge
         exp = logger.experiment
     exp.define_metric("round")
     exp.define_metric("bits/uplink_cum")
-    exp.define_metric("*", step_metric="round")
-    exp.define_metric("test/acc", step_metric="round", summary="max,last")
-    exp.define_metric(f"{BITS_AXIS}*", step_metric="bits/uplink_cum")
+    if wandb_id is None:  # a new W&B run of a run with history (logger switched): its curves
+        for row in history:
+            logger.log_metrics(row, step=int(row["round"]))
     return logger
 
 
@@ -121,10 +123,25 @@ def _with_bits_axis(cls: type) -> type:
 
     class BitsAxisWandbLogger(cls):  # type: ignore[misc, valid-type]
         is_wandb = True
+        defined: set[str]
 
         def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
             extra = {f"{BITS_AXIS}{k}": v for k, v in metrics.items() if k.startswith("test/")}
+            self._define_axes([*metrics, *extra])
             super().log_metrics({**metrics, **extra}, step)
+
+        def _define_axes(self, keys: list[str]) -> None:
+            """Each metric's x-axis, defined by its exact name the first time it is logged
+            (wandb leaves the match order of overlapping globs undefined)."""
+            if not hasattr(self, "defined"):
+                self.defined = {"round", "bits/uplink_cum"}
+            for key in keys:
+                if key in self.defined:
+                    continue
+                axis = "bits/uplink_cum" if key.startswith(BITS_AXIS) else "round"
+                summary = "max,last" if key == "test/acc" else None
+                self.experiment.define_metric(key, step_metric=axis, summary=summary)
+                self.defined.add(key)
 
     return BitsAxisWandbLogger
 

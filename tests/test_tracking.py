@@ -11,6 +11,7 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import pytest
 import wandb
+from omegaconf import OmegaConf
 
 from fedbat import checkpoint
 from fedbat.cli import main
@@ -148,11 +149,60 @@ def test_multirun_sweep_grouped_then_plotted(tmp_path):
     assert out.returncode == 0, out.stderr
     runs = sorted(p.parent for p in sweep.rglob("metrics.csv"))
     assert len(runs) == 2
-    groups = {(r / "config.yaml").read_text().split("group: ")[1].split()[0] for r in runs}
-    assert groups == {"sweep-sweep"}
+    # grouped by configuration (seeds would aggregate, compressors never); the sweep in tags
+    cfgs = [OmegaConf.load(r / "config.yaml").logger.wandb for r in runs]
+    assert {c.group for c in cfgs} == {
+        "compressor=none,fed.rounds=2",
+        "compressor=signsgd,fed.rounds=2",
+    }
+    assert all(list(c.tags) == ["sweep-sweep"] for c in cfgs)
     for r in runs:  # the finished process has flushed each run's file, metrics included
         (offline,) = wandb_runs(r)
         (run_file,) = offline.glob("run-*.wandb")
         assert b"test/acc" in run_file.read_bytes()
     assert main(["plot", str(sweep)]) == 0
     assert (sweep / "acc_vs_uplink_bits.png").is_file()
+
+
+def test_switching_a_csv_run_to_wandb_replays_its_history(tmp_path):
+    """A finished CSV run continued with logger=wandb: the new W&B run gets every round's
+    curve, the earlier rounds replayed from the checkpoint's history."""
+    run(make_cfg(tmp_path, "fed.rounds=2"))
+    run(make_cfg(tmp_path, "fed.rounds=3", "logger=wandb"))
+    wandb.teardown()
+    (offline,) = wandb_runs(tmp_path)
+    (run_file,) = offline.glob("run-*.wandb")
+    data = run_file.read_bytes()
+    history = checkpoint.load(tmp_path / "checkpoint.pt")["history"]
+    assert len(history) == 3
+    for row in history:  # rounds 0 and 1 replayed, round 2 trained now: each row's own loss
+        assert repr(row["test/loss"]).encode() in data, row["round"]
+    assert b"vs_uplink_bits/test/acc" in data
+
+
+def test_version_and_the_line_a_finished_run_ends_with(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "fedbat.cli", "--version"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.startswith("fedbat 0.")
+    out = subprocess.run(
+        [sys.executable, "-m", "fedbat.cli", "train", "fed.rounds=2", "progress=false"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("fedbat: done: test/acc final 0.") and "| up " in last
+    assert last.endswith("runs/digits_mlp_none")  # fed.rounds does not name the run dir
+    # raising fed.rounds extends the same run (the run dir is not named by it)
+    more = subprocess.run(
+        [sys.executable, "-m", "fedbat.cli", "train", "fed.rounds=3", "progress=false"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert "after round 2 of 3" in more.stdout + more.stderr
+    rows = (tmp_path / "runs" / "digits_mlp_none" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3
