@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedbat.compressors import fedbat, none, qsgd, signsgd, topk  # noqa: F401  (registration)
-from fedbat.compressors.base import Compressor, Fields, TrainingHook
+from fedbat.compressors.base import ClientHook, Compressor, Fields
 from fedbat.compressors.memory import ErrorFeedback
 from fedbat.compressors.packet import Packet, TensorSpec, wire_plan
 from fedbat.compressors.registry import COMPRESSORS, register
@@ -20,12 +20,12 @@ from fedbat.errors import ConfigError
 
 __all__ = [
     "COMPRESSORS",
+    "ClientHook",
     "Compressor",
     "ErrorFeedback",
     "Fields",
     "Packet",
     "TensorSpec",
-    "TrainingHook",
     "available",
     "build",
     "build_pair",

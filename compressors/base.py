@@ -4,7 +4,7 @@ local training. State (error-feedback residuals) is kept apart, in ``compressors
 
 from __future__ import annotations
 
-from typing import ClassVar, Protocol
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -14,15 +14,22 @@ from fedbat.errors import ConfigError, PacketError
 Fields = dict[str, torch.Tensor]
 
 
-class TrainingHook(Protocol):
-    """What a compressor that takes part in local training returns from ``training_hook``."""
+class ClientHook:
+    """Something that wraps a client's local training: FedBAT's learned binarization (a
+    compressor's ``training_hook``), FedProx's proximal term (a strategy's
+    ``client_hook``). The client runs one list of them; every method is optional."""
+
+    def loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to back-propagate, given the task's (default: unchanged)."""
+        return loss
 
     def after_step(self, step: int) -> None:
         """Called after local optimizer step ``step`` (0-based)."""
 
     def finalize(self) -> dict[str, Fields]:
         """Detach from the model (weights as they were received) and return the uplink fields
-        of every tensor the hook owns."""
+        of every tensor the hook encoded itself."""
+        return {}
 
 
 class Compressor:
@@ -51,7 +58,7 @@ class Compressor:
 
     def training_hook(
         self, model: nn.Module, names: list[str], total_steps: int
-    ) -> TrainingHook | None:
+    ) -> ClientHook | None:
         """Attach to local training of ``model``'s tensors ``names``; post-hoc compressors
         return None."""
         return None

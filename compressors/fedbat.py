@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from fedbat.compressors.base import Compressor, Fields
+from fedbat.compressors.base import ClientHook, Compressor, Fields
 from fedbat.compressors.bits import decode_scaled_signs, encode_scaled_signs, scaled_signs_bytes
 from fedbat.compressors.registry import register
 from fedbat.errors import check_range
@@ -80,7 +80,7 @@ class LearnedBinarization(nn.Module):
         return w + ScaledBinarize.apply(self.m, self.alpha(), torch.rand_like(self.m))
 
 
-class FedBATHook:
+class FedBATHook(ClientHook):
     """Attaches :class:`LearnedBinarization` to the named weights of any module."""
 
     def __init__(

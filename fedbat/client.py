@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import torch
 from lightning.fabric import Fabric
 
-from fedbat.compressors import Compressor, ErrorFeedback, TensorSpec, TrainingHook, encode_update
+from fedbat.compressors import ClientHook, Compressor, ErrorFeedback, TensorSpec, encode_update
 from fedbat.compressors.base import all_finite
 from fedbat.contract import (
     LogCollector,
@@ -24,6 +24,7 @@ from fedbat.contract import (
     training_loss,
 )
 from fedbat.seeding import derive_seed, generator
+from fedbat.strategies import Strategy
 
 
 class ClientData(Protocol):
@@ -87,6 +88,7 @@ def train_client(
     uplink: Compressor,
     memory: ErrorFeedback | None,
     schedule: ServerSchedule | None = None,
+    strategy: Strategy | None = None,
 ) -> ClientResult:
     """Train ``client`` from the weights it holds and encode ``w_client - held``.
 
@@ -100,10 +102,17 @@ def train_client(
     task.load_state_dict(held)
     task.train()
     n = data.client_size(client)
-    hook = uplink.training_hook(task, [s.name for s in plan if s.compressed], cfg.steps(n))
-    loss_sum, logs = _local_epochs(task, data, client, data_gen, cfg, hook, schedule)
+    hooks = [  # the strategy's first: FedProx's term sees the layers as FedBAT parametrizes them
+        h
+        for h in (
+            strategy.client_hook(task, held) if strategy is not None else None,
+            uplink.training_hook(task, [s.name for s in plan if s.compressed], cfg.steps(n)),
+        )
+        if h is not None
+    ]
+    loss_sum, logs = _local_epochs(task, data, client, data_gen, cfg, hooks, schedule)
     start = time.perf_counter()
-    preencoded = hook.finalize() if hook is not None else None
+    preencoded = {k: v for h in hooks for k, v in h.finalize().items()}
     train_loss = float(loss_sum) / max(cfg.steps(n), 1)
     state = task.state_dict()
     update = {k: (state[k].detach().cpu() - held[k]) for k in held}
@@ -130,7 +139,7 @@ def _local_epochs(
     client: int,
     data_gen: torch.Generator,
     cfg: LocalTraining,
-    hook: TrainingHook | None,
+    hooks: list[ClientHook],
     schedule: ServerSchedule | None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Lightning's training loop for one client, hooks in Lightning's order; returns the
@@ -154,9 +163,12 @@ def _local_epochs(
             with autocast():
                 out = task.training_step(batch, batch_idx)
             loss = training_loss(out)
+            objective = loss  # what is minimised; the logged train loss stays the task's
+            for h in hooks:
+                objective = h.loss(objective)
             optimizer.zero_grad(set_to_none=True)
-            call_hook(task, "on_before_backward", loss)
-            backward(loss)
+            call_hook(task, "on_before_backward", objective)
+            backward(objective)
             call_hook(task, "on_after_backward")
             call_hook(task, "on_before_optimizer_step", optimizer)
             optimizer.step()
@@ -164,8 +176,8 @@ def _local_epochs(
                 opt.scheduler.step()
             call_hook(task, "on_train_batch_end", out, batch, batch_idx)
             loss_sum += loss.detach()
-            if hook is not None:
-                hook.after_step(step)
+            for h in hooks:
+                h.after_step(step)
             step += 1
         call_hook(task, "on_train_epoch_end")
     call_hook(task, "on_train_end")

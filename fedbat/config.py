@@ -13,6 +13,7 @@ from fedbat.compressors.packet import module_types
 from fedbat.datamodules import PARTITIONERS, READERS
 from fedbat.errors import ConfigError, check_range
 from fedbat.models import MODELS, check_params
+from fedbat.strategies import build as build_strategy
 
 BIG = 10**9
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
@@ -78,8 +79,6 @@ def validate(cfg: DictConfig) -> None:
     check_range("fed.lr", f.lr, 0.0, 100.0, low_open=True)
     check_range("fed.momentum", f.momentum, 0.0, 0.999)
     check_range("fed.weight_decay", f.weight_decay, 0.0, 1.0)
-    check_range("fed.server_lr", f.server_lr, 0.0, 100.0, low_open=True)
-    check_range("fed.server_momentum", f.server_momentum, 0.0, 0.999)
     check_range("fed.eval_every", f.eval_every, 1, BIG, integer=True)
     _choice("fed.weight_by", f.weight_by, ("samples", "batches"))
     _choice("data.class_assignment", d.get("class_assignment", "random"), ("random", "authors"))
@@ -111,6 +110,7 @@ def validate(cfg: DictConfig) -> None:
             f"resume={cfg.resume!r}: no such checkpoint file (use auto, false or a path)"
         )
     build_pair(OmegaConf.to_container(cfg.compressor, resolve=True))  # type: ignore[arg-type]
+    build_strategy(OmegaConf.to_container(cfg.strategy, resolve=True))  # type: ignore[arg-type]
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:

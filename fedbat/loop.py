@@ -40,6 +40,7 @@ from fedbat.progress import RoundProgress
 from fedbat.rundir import RunDirLock
 from fedbat.seeding import sample_clients
 from fedbat.server import Server
+from fedbat.strategies import build as build_strategy
 from fedbat.task import ClassificationTask
 
 
@@ -194,8 +195,7 @@ class Federation:
             self.plan,
             self.uplink,
             downlink,
-            f.server_lr,
-            f.server_momentum,
+            build_strategy(OmegaConf.to_container(cfg.strategy, resolve=True)),
             cfg.seed,
             f.max_update_ratio,
             f.batch_size if f.weight_by == "batches" else None,
@@ -223,6 +223,7 @@ class Federation:
                 self.uplink,
                 self.up_memory,
                 self.schedule,
+                self.server.strategy,
             )
             for c in clients[fabric.global_rank :: fabric.world_size]
         ]

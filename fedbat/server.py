@@ -23,6 +23,8 @@ from fedbat.compressors import (
 from fedbat.compressors.base import all_finite
 from fedbat.errors import PacketError
 from fedbat.seeding import DOWNLINK, generator
+from fedbat.strategies import Strategy
+from fedbat.strategies import build as build_strategy
 
 
 @dataclass
@@ -37,8 +39,8 @@ class Aggregate:
 
 
 class Server:
-    """Holds the global model, the weights the clients hold (``w_hat``), the server optimizer
-    and the downlink error-feedback residual."""
+    """Holds the global model, the weights the clients hold (``w_hat``), the strategy (the
+    server rule and its state) and the downlink error-feedback residual."""
 
     def __init__(
         self,
@@ -46,8 +48,7 @@ class Server:
         plan: list[TensorSpec],
         uplink: Compressor,
         downlink: Compressor,
-        lr: float = 1.0,
-        momentum: float = 0.0,
+        strategy: Strategy | None = None,
         seed: int = 0,
         max_update_ratio: float | None = 1000.0,
         weight_batch_size: int | None = None,
@@ -57,7 +58,8 @@ class Server:
         self.plan, self.uplink, self.downlink, self.seed = plan, uplink, downlink, seed
         self.max_update_ratio = max_update_ratio
         self.weight_batch_size = weight_batch_size  # set: weigh clients by batches, not samples
-        self.optimizer = torch.optim.SGD(self.params.values(), lr=lr, momentum=momentum)
+        self.strategy = strategy if strategy is not None else build_strategy("fedavg")
+        self.strategy.setup(self.params)
         self.held = self.global_state()
         self.previous = self.held  # the global model as of the last broadcast
         self.memory = ErrorFeedback() if downlink.error_feedback and not downlink.lossless else None
@@ -92,12 +94,12 @@ class Server:
         out.train_loss = sum(w * loss for w, loss in zip(weights, losses, strict=True)) / total
         out.stats = {k: v / len(updates) for k, v in out.stats.items()}
         out.logs = _weighted_logs([r for r in results if r.client in out.accepted])
-        before = self.global_state(), copy.deepcopy(self.optimizer.state_dict())
-        self._apply({s.name: _weighted_mean(updates, weights, total, s.name) for s in self.plan})
+        before = self.global_state(), copy.deepcopy(self.strategy.state_dict())
+        self._apply(self.strategy.combine(updates, weights))
         if not all(all_finite(v.float()) for v in self.model.state_dict().values()):
-            # the global model and the optimizer's momentum never become non-finite
+            # the global model and the strategy's state (momentum, moments) stay finite
             self.model.load_state_dict(before[0])
-            self.optimizer.load_state_dict(before[1])
+            self.strategy.load_state_dict(before[1])
             out.rejected |= dict.fromkeys(out.accepted, "the aggregate overflowed")
             out.accepted = []
         return out
@@ -118,12 +120,9 @@ class Server:
 
     @torch.no_grad()
     def _apply(self, mean: dict[str, torch.Tensor]) -> None:
-        """Server optimizer step with gradient = -mean update (lr 1, no momentum: FedAvg);
-        buffers (BN statistics, counters) take the mean update directly."""
-        self.optimizer.zero_grad(set_to_none=False)
-        for name, p in self.params.items():
-            p.grad = -mean[name].to(p.dtype)
-        self.optimizer.step()
+        """The strategy moves the parameters by the mean update; buffers (BN statistics,
+        counters) take the mean update directly."""
+        self.strategy.apply(mean)
         for name, buf in self.model.named_buffers():
             if name in mean:
                 delta = mean[name]
@@ -153,7 +152,7 @@ class Server:
             "global": self.global_state(),
             "held": self.held,
             "previous": self.previous,
-            "optimizer": self.optimizer.state_dict(),
+            "strategy": self.strategy.state_dict(),
             "memory": self.memory.state_dict() if self.memory is not None else {},
         }
 
@@ -161,7 +160,7 @@ class Server:
         self.model.load_state_dict(state["global"])
         self.held = state["held"]
         self.previous = state["previous"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.strategy.load_state_dict(state["strategy"])
         if self.memory is not None:
             self.memory = ErrorFeedback(state["memory"])
 
@@ -193,12 +192,3 @@ def _check_scale(update: dict[str, torch.Tensor], bound: float) -> None:
     for name, u in update.items():
         if not u.is_floating_point() and u.numel() and int(u.abs().max()) > MAX_COUNTER_STEP:
             raise PacketError(f"{name}: counter step {int(u.abs().max())} > {MAX_COUNTER_STEP}")
-
-
-def _weighted_mean(
-    updates: list[dict[str, torch.Tensor]], weights: list[int], total: float, name: str
-) -> torch.Tensor:
-    acc = torch.zeros(updates[0][name].shape, dtype=torch.float64)
-    for update, w in zip(updates, weights, strict=True):
-        acc += (w / total) * update[name].to(torch.float64)
-    return acc.to(torch.float32)

@@ -16,10 +16,10 @@ from tests.test_reliability import cli, metric_rows
 
 NAN_KEYS = [
     "fed.lr",
-    "fed.server_lr",
+    "strategy.lr",
     "fed.momentum",
     "fed.weight_decay",
-    "fed.server_momentum",
+    "strategy.momentum",
     "data.alpha",
     "target_acc",
     "fed.max_update_ratio",
@@ -110,14 +110,18 @@ def wait_for(path: Path, proc: subprocess.Popen, limit: float = 60) -> None:
 
 def test_second_run_in_the_same_dir_fails_at_once_naming_the_holder(tmp_path):
     run_dir = tmp_path / "run"
-    first = subprocess.Popen(cli(run_dir, *SLOW), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    long = [*SLOW[:2], "fed.rounds=500"]  # busy for minutes: the second run comes in its middle
+    first = subprocess.Popen(cli(run_dir, *long), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for(run_dir / ".lock", first)
-    second = subprocess.run(cli(run_dir, *SLOW), capture_output=True, text=True, timeout=60)
+    second = subprocess.run(cli(run_dir, *long), capture_output=True, text=True, timeout=60)
+    assert first.poll() is None  # the holder was still running throughout
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=60) == 143
     assert second.returncode == 2
     assert f"in use by process {first.pid} on" in second.stderr
     assert len(second.stderr.strip().splitlines()) == 1
-    assert first.wait(timeout=120) == 0
-    assert [r["round"] for r in metric_rows(run_dir)] == [str(r) for r in range(4)]
+    rounds = [int(r["round"]) for r in metric_rows(run_dir)]
+    assert rounds == list(range(len(rounds)))  # one writer: no duplicated or interleaved rows
     assert not (run_dir / ".lock").exists()
 
 

@@ -68,12 +68,18 @@ PINNED = "trainer.threads=1"
     ("compressor", "launcher", "extra", "resumed"),
     [
         ("none", [], [], False),
-        ("fedbat", [], [], False),
-        ("ef_signsgd", [], [], True),
+        ("fedbat", [], ["strategy=fedprox"], False),
+        ("ef_signsgd", [], ["strategy=fedadam", "strategy.lr=0.1"], True),
         ("ef_signsgd", TORCHRUN, [], False),
         ("fedbat", [], ["model=cnn"], False),
     ],
-    ids=["none", "fedbat", "ef_signsgd-resumed", "ef_signsgd-torchrun", "fedbat-cnn"],
+    ids=[
+        "none",
+        "fedbat-fedprox",
+        "ef_signsgd-fedadam-resumed",
+        "ef_signsgd-torchrun",
+        "fedbat-cnn",
+    ],
 )
 def test_two_processes_match_one_process_exactly(tmp_path, compressor, launcher, extra, resumed):
     """``resumed``: the 2-process run stops after round 2 and a second 2-process run of 3

@@ -6,10 +6,10 @@ every compressor, in both directions. ``fedavg`` is the readable reference; the 
 small differences from it (Flower's Strategy shape).
 
 >>> sorted(STRATEGIES)
-['fedadagrad', 'fedadam', 'fedavg', 'fedavgm', 'fedprox', 'fedyogi']
+['fedadagrad', 'fedadam', 'fedavg', 'fedavgm', 'fedprox', 'fedyogi', 'median', 'trimmed_mean']
 """
 
+from fedbat.strategies import adaptive, fedavg, robust  # noqa: F401  (registration)
 from fedbat.strategies.base import STRATEGIES, Strategy, build, register
-from fedbat.strategies import adaptive, fedavg  # noqa: E402,F401  (registration)
 
 __all__ = ["STRATEGIES", "Strategy", "build", "register"]

@@ -30,6 +30,20 @@ class Strategy:
         """Called once with the global model's parameters, before any round."""
         self.params = dict(params)
 
+    def combine(
+        self, updates: list[dict[str, torch.Tensor]], weights: list[float]
+    ) -> dict[str, torch.Tensor]:
+        """One update from the round's accepted client updates: their weighted mean (summed
+        in float64, in client-id order, so every rank and world size gets the same bits)."""
+        total = float(sum(weights))
+        out = {}
+        for name in updates[0]:
+            acc = torch.zeros(updates[0][name].shape, dtype=torch.float64)
+            for update, w in zip(updates, weights, strict=True):
+                acc += (w / total) * update[name].to(torch.float64)
+            out[name] = acc.to(torch.float32)
+        return out
+
     def apply(self, delta: Mapping[str, torch.Tensor]) -> None:
         """Move the parameters given to :meth:`setup` by the round's mean update."""
         raise NotImplementedError
@@ -57,6 +71,9 @@ def build(spec: str | Mapping[str, Any]) -> Strategy:
     if isinstance(spec, str):
         return STRATEGIES.get(spec, key="strategy")
     if not isinstance(spec, Mapping) or "name" not in spec:
-        raise ConfigError(f"strategy={spec!r}: must name a strategy; available: {', '.join(STRATEGIES.available())}")
+        raise ConfigError(
+            f"strategy={spec!r}: must name a strategy; "
+            f"available: {', '.join(STRATEGIES.available())}"
+        )
     params = dict(spec)
     return STRATEGIES.get(params.pop("name"), key="strategy", **params)

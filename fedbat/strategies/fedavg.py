@@ -43,7 +43,9 @@ class FedAvg(Strategy):
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-register("fedavgm", FedAvg, description="FedAvg with server momentum (Hsu et al. 2019)", momentum=0.9)
+register(
+    "fedavgm", FedAvg, description="FedAvg with server momentum (Hsu et al. 2019)", momentum=0.9
+)
 
 
 class ProximalTerm(ClientHook):

@@ -1,0 +1,167 @@
+"""Strategies: each server rule against a hand computation, FedProx's client term, and every
+strategy composed with compressors in real runs."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fedbat import checkpoint
+from fedbat.errors import ConfigError
+from fedbat.loop import run
+from fedbat.strategies import STRATEGIES, build
+from tests.conftest import make_cfg
+from tests.test_loop import stable
+
+
+def step(strategy, p0: float, deltas: list[float]) -> float:
+    param = nn.Parameter(torch.tensor([p0], dtype=torch.float64), requires_grad=False)
+    strategy.setup({"w": param})
+    for d in deltas:
+        strategy.apply({"w": torch.tensor([d], dtype=torch.float64)})
+    return float(param)
+
+
+def reddi(kind: str, deltas: list[float], lr=0.1, b1=0.9, b2=0.99, tau=1e-3) -> float:
+    """Reddi et al. 2021, Algorithm 2, by hand on one coordinate (m = 0, v = tau^2 first)."""
+    w, m, v = 0.0, 0.0, tau**2
+    for d in deltas:
+        m = b1 * m + (1 - b1) * d
+        if kind == "fedadam":
+            v = b2 * v + (1 - b2) * d * d
+        elif kind == "fedyogi":
+            v = v - (1 - b2) * d * d * math.copysign(1.0, v - d * d)
+        else:
+            v = v + d * d
+        w += lr * m / (math.sqrt(v) + tau)
+    return w
+
+
+def test_fedavg_and_fedavgm_by_hand():
+    assert step(build("fedavg"), 1.0, [0.5]) == 1.5
+    assert step(build({"name": "fedavg", "lr": 0.5}), 1.0, [0.5]) == 1.25
+    # momentum 0.9: buffer 1, then 0.9 + 1 = 1.9: w = 0 + 1 + 1.9
+    assert step(build("fedavgm"), 0.0, [1.0, 1.0]) == pytest.approx(2.9, abs=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["fedadam", "fedyogi", "fedadagrad"])
+def test_adaptive_rules_by_hand(kind):
+    deltas = [2.0, -1.0, 0.5]
+    got = step(build({"name": kind, "lr": 0.1}), 0.0, deltas)
+    assert got == pytest.approx(reddi(kind, deltas), rel=1e-12, abs=1e-15)
+
+
+def test_yogi_differs_from_adam_where_v_exceeds_delta_squared():
+    deltas = [2.0, 0.1]  # second step: v ~ 0.04 > 0.01 = delta^2: Yogi shrinks v additively
+    adam, yogi = (step(build({"name": k, "lr": 0.1}), 0.0, deltas) for k in ("fedadam", "fedyogi"))
+    assert adam != yogi
+    assert yogi == pytest.approx(reddi("fedyogi", deltas), rel=1e-12)
+
+
+def test_weighted_mean_reaches_the_strategy(tmp_path):
+    """The server hands the strategy the sample-weighted mean of the decoded updates."""
+    from tests.test_reliability import _round_results
+
+    server, results = _round_results(tmp_path, 3)
+    seen = {}
+    server.strategy.apply = lambda delta: seen.update(delta)  # record, do not move
+    server.aggregate(results)
+    from fedbat.compressors import decode_update
+
+    ups = [decode_update(r.data, server.plan, server.uplink)[0] for r in results]
+    n = [r.num_samples for r in results]
+    for name in server.params:
+        want = sum(u[name].double() * w for u, w in zip(ups, n, strict=True)) / sum(n)
+        assert torch.allclose(seen[name].double(), want, atol=1e-7), name
+
+
+def test_unknown_strategy_and_parameters_fail_in_one_line():
+    with pytest.raises(ConfigError, match=r"strategy='fedsgd': unknown strategy; available: "):
+        build("fedsgd")
+    with pytest.raises(ConfigError, match=r"strategy.beta3: not a parameter of strategy 'fedadam'"):
+        build({"name": "fedadam", "beta3": 0.5})
+    with pytest.raises(ConfigError, match=r"strategy.tau=0: must be in \(0.0, 1.0\]"):
+        build({"name": "fedyogi", "tau": 0})
+
+
+def test_fedprox_with_mu_0_equals_fedavg_bitwise(tmp_path):
+    a = run(make_cfg(tmp_path / "avg", "compressor=fedbat"))
+    b = run(make_cfg(tmp_path / "prox", "compressor=fedbat", "strategy=fedprox", "strategy.mu=0"))
+    assert a == b
+    ha, hb = (checkpoint.load(tmp_path / d / "checkpoint.pt") for d in ("avg", "prox"))
+    assert stable(ha["history"]) == stable(hb["history"])
+    for k, v in ha["server"]["global"].items():
+        assert torch.equal(v, hb["server"]["global"][k]), k
+
+
+def test_fedprox_pulls_clients_towards_the_global_model(tmp_path):
+    """A large mu keeps each client's update small: after a round the global model has
+    moved less from where it started than under FedAvg."""
+    from fedbat.loop import build_datamodule, build_task
+
+    cfg = make_cfg(tmp_path / "avg", "fed.rounds=1")
+    start = build_task(cfg, build_datamodule(cfg)).state_dict()
+    run(cfg)
+    run(make_cfg(tmp_path / "prox", "fed.rounds=1", "strategy=fedprox", "strategy.mu=10"))
+    moved = {}
+    for d in ("avg", "prox"):
+        end = checkpoint.load(tmp_path / d / "checkpoint.pt")["server"]["global"]
+        moved[d] = sum(float((end[k] - v).float().norm()) for k, v in start.items())
+    assert 0 < moved["prox"] < 0.5 * moved["avg"], moved
+
+
+@pytest.mark.parametrize("compressor", ["none", "fedbat"])
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_composes_with_compressors(tmp_path, name, compressor):
+    lr = ["strategy.lr=0.1"] if name in ("fedadam", "fedyogi", "fedadagrad") else []
+    summary = run(
+        make_cfg(tmp_path, f"strategy={name}", *lr, f"compressor={compressor}", "fed.rounds=4")
+    )
+    assert summary["best_acc"] > 0.3, summary
+
+
+def test_adaptive_state_survives_a_resume_bitwise(tmp_path):
+    args = ("strategy=fedyogi", "strategy.lr=0.1", "compressor=ef_signsgd")
+    run(make_cfg(tmp_path / "whole", *args, "fed.rounds=4"))
+    run(make_cfg(tmp_path / "split", *args, "fed.rounds=2"))
+    run(make_cfg(tmp_path / "split", *args, "fed.rounds=4"))
+    a, b = (checkpoint.load(tmp_path / d / "checkpoint.pt") for d in ("whole", "split"))
+    assert stable(a["history"]) == stable(b["history"])
+    for part in ("m", "v"):
+        for k, t in a["server"]["strategy"][part].items():
+            assert torch.equal(t, b["server"]["strategy"][part][k]), (part, k)
+
+
+def test_robust_rules_by_hand():
+    ups = [
+        {"w": torch.tensor([1.0, -1.0])},
+        {"w": torch.tensor([2.0, 5.0])},
+        {"w": torch.tensor([100.0, 0.0])},
+    ]
+    assert build("median").combine(ups, [1, 1, 1])["w"].tolist() == [2.0, 0.0]
+    assert build("median").combine(ups[:2], [1, 1])["w"].tolist() == [1.5, 2.0]
+    trimmed = build({"name": "trimmed_mean", "trim": 0.34}).combine(ups, [1, 1, 1])
+    assert trimmed["w"].tolist() == [2.0, 0.0]  # one value dropped at each end
+    untrimmed = build("trimmed_mean").combine(ups, [1, 1, 1])["w"].tolist()  # 10% of 3: none
+    assert untrimmed == pytest.approx([103 / 3, 4 / 3])
+    mean = build("fedavg").combine(ups, [2, 1, 1])["w"].tolist()
+    assert mean == pytest.approx([(2 + 2 + 100) / 4, (-2 + 5 + 0) / 4])
+
+
+def test_median_resists_a_poisoned_update_that_passes_validation(tmp_path):
+    """A forged step size of 0.5 (finite, inside the norm bound) moves the FedAvg model far,
+    the median model barely."""
+    from tests.test_reliability import _forge_scale, _round_results
+
+    moved = {}
+    for name in ("fedavg", "median"):
+        server, results = _round_results(tmp_path / name, 5)
+        server.strategy = build(name)
+        server.strategy.setup(server.params)
+        before = server.global_state()
+        results[0].data = _forge_scale(results[0].data, server, 0.5)
+        assert len(server.aggregate(results).accepted) == 5
+        after = server.global_state()
+        moved[name] = max(float((after[k] - before[k]).abs().max()) for k in server.params)
+    assert moved["median"] < 0.1 < moved["fedavg"], moved
