@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from fedbat.cli import compose
 from fedbat.config import validate
 from fedbat.datamodules.dataset import DatasetClients, from_datamodule
-from fedbat.loop import run
+from fedbat.loop import run, split_args
 
 
 def fit(
@@ -47,17 +47,8 @@ def fit(
         if cfg.run_dir is None:
             cfg.run_dir = str(default_run_dir(type(module).__name__, overrides))
     validate(cfg)
-    d = cfg.data
-    split = {
-        "num_clients": d.num_clients,
-        "partition_name": d.partition,
-        "seed": cfg.seed,
-        "alpha": d.alpha,
-        "classes_per_client": d.classes_per_client,
-        "class_assignment": d.class_assignment,
-        "label_fn": label_fn,
-        "client_key": client_key,
-    }
+    split = split_args(cfg)  # the data.* keys; functions given here take precedence
+    split |= {k: f for k, f in (("label_fn", label_fn), ("client_key", client_key)) if f}
     if datamodule is not None:
         data = from_datamodule(datamodule, **split)
     else:
