@@ -35,7 +35,7 @@ def load(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many kinds for a damaged file
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0][:160]
         raise CheckpointError(
             f"resume={str(path)!r}: not a readable checkpoint ({reason}); "
             "use resume=false to start over, or another run_dir"
