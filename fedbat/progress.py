@@ -23,22 +23,30 @@ def human_bits(bits: float) -> str:
     return f"{bits:.0f} b"
 
 
+NARROW = 110  # columns below which the bar shows accuracy and uplink bits only
+
+
 class RoundProgress:
     """``update`` once per round with that round's metrics."""
 
     def __init__(
-        self, total: int, start: int = 0, stream: TextIO | None = None, enabled: bool = True
+        self,
+        total: int,
+        start: int = 0,
+        stream: TextIO | None = None,
+        enabled: bool = True,
+        console: Console | None = None,
     ) -> None:
         self.total, self.done, self.enabled = total, start, enabled
         self.stream = stream or sys.stdout
-        self.console = Console(file=self.stream)
+        self.console = console or Console(file=self.stream)
         self.started = time.perf_counter()
         self.start_round = start
         self.bar: Progress | None = None
         if enabled and self.console.is_terminal:
             self.bar = Progress(
                 TextColumn("round {task.completed}/{task.total}"),
-                BarColumn(),
+                BarColumn(bar_width=20),
                 TextColumn("{task.fields[info]}"),
                 TimeRemainingColumn(),
                 console=self.console,
@@ -53,6 +61,12 @@ class RoundProgress:
         per_round = (time.perf_counter() - self.started) / (self.done - self.start_round)
         eta = per_round * (self.total - self.done)
         acc = metrics.get("test/acc")
+        if self.bar is not None and self.console.width < NARROW:  # keep the bar and the ETA
+            short = (f"acc {acc:.4f} | " if acc is not None else "") + (
+                f"up {human_bits(metrics['bits/uplink_cum'])}"
+            )
+            self.bar.update(self.task, completed=self.done, info=short)
+            return
         info = (f"acc {acc:.4f} | " if acc is not None else "") + (
             f"loss {metrics.get('train/loss', float('nan')):.4f} | "
             f"up {human_bits(metrics['bits/uplink_cum'])} | "

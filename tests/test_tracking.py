@@ -3,6 +3,7 @@
 import csv
 import io
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -206,3 +207,28 @@ def test_version_and_the_line_a_finished_run_ends_with(tmp_path):
     assert "after round 2 of 3" in more.stdout + more.stderr
     rows = (tmp_path / "runs" / "digits_mlp_none" / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + 3
+
+
+@pytest.mark.parametrize("width", [80, 140])
+def test_progress_bar_keeps_its_bar_and_eta_on_a_narrow_terminal(width):
+    from rich.console import Console
+
+    out = io.StringIO()
+    console = Console(file=out, width=width, force_terminal=True, color_system=None)
+    progress = RoundProgress(total=30, console=console)
+    metrics = {
+        "test/acc": 0.9583,
+        "train/loss": 0.1234,
+        "bits/uplink_cum": 93.22e6,
+        "bits/downlink_cum": 93.22e6,
+        "time/round_s": 0.03,
+    }
+    for _ in range(15):
+        progress.update(metrics)
+    progress.close()
+    lines = out.getvalue().replace("\r", "\n").splitlines()
+    last = [ln for ln in lines if "round 15/30" in ln][-1]
+    assert "━" in last and "…" not in last, last  # the bar, and nothing cut off
+    assert re.search(r"(\d+:\d\d:\d\d|-:--:--)\s*$", last), last  # the ETA, last
+    assert "acc 0.9583" in last and "up 93.22 Mb" in last
+    assert ("down 93.22 Mb" in last) == (width >= 110)
