@@ -166,3 +166,13 @@ def test_runs_from_a_project_with_its_own_configs_and_compressors(tmp_path, laun
     )
     assert out.returncode == 0, out.stderr
     assert list((project / "runs").glob("digits_mlp_fedbat/*/metrics.csv"))
+
+
+def test_train_help_explains_the_keys(tmp_path):
+    out = fedbat("train", "--help", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "fedbat train [group=option ...]" in out.stdout
+    assert "strategy: fedadagrad, fedadam, fedavg" in out.stdout  # the groups, from Hydra
+    assert "raising it on a finished run extends it" in out.stdout  # the keys, explained
+    assert "max_update_ratio: 1000.0" in out.stdout  # and the whole config
+    assert not (tmp_path / "runs").exists()
