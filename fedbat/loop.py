@@ -74,6 +74,11 @@ def build_task(cfg: DictConfig, dm: ClientData) -> L.LightningModule:
     torch.manual_seed(cfg.seed)
     if cfg.task.get("_target_"):
         return instantiate_target(cfg.task, "task")
+    if not hasattr(dm, "input_shape"):  # a user's datamodule: shapes unknown to fedbat
+        raise ConfigError(
+            "datamodule._target_: the built-in classifier needs a registered dataset's input "
+            "shape; give your LightningModule too (task._target_=...)"
+        )
     params = {k: v for k, v in cfg.model.items() if k != "name"}
     if cfg.model.get("_target_"):
         model = instantiate_target(OmegaConf.create(params), "model")

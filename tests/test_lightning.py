@@ -189,3 +189,13 @@ def test_fit_from_a_script_on_2_processes_equals_1(tmp_path):
     assert a["uplink_memory"].keys() == b["uplink_memory"].keys() != set()
     for k, v in a["server"]["global"].items():
         assert torch.equal(v, b["server"]["global"][k]), k
+
+
+def test_a_datamodule_without_a_task_fails_in_one_line(tmp_path):
+    out = cli(TARGETS[1], *BASE, f"hydra.run.dir={tmp_path / 'r'}")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "fedbat: error: datamodule._target_: the built-in classifier needs a registered "
+        "dataset's input shape; give your LightningModule too (task._target_=...)"
+    ]
+    assert not (tmp_path / "r").exists()
