@@ -15,7 +15,7 @@ from fedbat.compressors.base import ClientHook, Compressor, Fields
 from fedbat.compressors.memory import ErrorFeedback
 from fedbat.compressors.packet import Packet, TensorSpec, wire_plan
 from fedbat.compressors.registry import COMPRESSORS, register
-from fedbat.compressors.update import decode_update, encode_update
+from fedbat.compressors.update import decode_fields, decode_update, encode_fields, encode_update
 from fedbat.errors import ConfigError
 
 __all__ = [
@@ -29,7 +29,9 @@ __all__ = [
     "available",
     "build",
     "build_pair",
+    "decode_fields",
     "decode_update",
+    "encode_fields",
     "encode_update",
     "register",
     "wire_plan",

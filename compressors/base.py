@@ -23,12 +23,25 @@ class ClientHook:
         """The loss to back-propagate, given the task's (default: unchanged)."""
         return loss
 
+    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called after backward, before each local optimizer step."""
+
     def after_step(self, step: int) -> None:
         """Called after local optimizer step ``step`` (0-based)."""
 
     def finalize(self) -> dict[str, Fields]:
         """Detach from the model (weights as they were received) and return the uplink fields
         of every tensor the hook encoded itself."""
+        return {}
+
+    def message(self, sent: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors this client adds to its packet, given the update it sends as the server
+        will decode it (SCAFFOLD: the change of its control variate)."""
+        return {}
+
+    def client_state(self) -> dict[str, torch.Tensor]:
+        """The client's own state to keep until it is sampled again (SCAFFOLD: its control
+        variate); called after :meth:`message`."""
         return {}
 
 

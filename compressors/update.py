@@ -25,6 +25,20 @@ def encode_update(
 ) -> Packet:
     """``update`` (CPU tensors by name) -> packet. ``preencoded`` fields (from a training
     hook) are used as they are; ``memory`` applies error feedback to compressed tensors."""
+    fields = encode_fields(update, plan, compressor, generator, memory, holder, preencoded)
+    return pack(fields, compressor)
+
+
+def encode_fields(
+    update: dict[str, torch.Tensor],
+    plan: list[TensorSpec],
+    compressor: Compressor,
+    generator: torch.Generator,
+    memory: ErrorFeedback | None = None,
+    holder: str | int = "server",
+    preencoded: dict[str, Fields] | None = None,
+) -> dict[str, Fields]:
+    """:func:`encode_update` before packing: the fields of every tensor of ``plan``."""
     preencoded = preencoded or {}
     fields: dict[str, Fields] = {}
     for spec in plan:
@@ -41,7 +55,7 @@ def encode_update(
                 )
         else:
             fields[spec.name] = {"raw": update[spec.name].detach().reshape(-1).to(spec.dtype)}
-    return pack(fields, compressor)
+    return fields
 
 
 def decode_update(
@@ -49,7 +63,14 @@ def decode_update(
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Packet bytes -> (update by tensor name, per-tensor stats). Raises PacketError on
     anything malformed or non-finite: the caller rejects the packet."""
-    fields = unpack(data, plan, compressor)
+    return decode_fields(unpack(data, plan, compressor), plan, compressor)
+
+
+def decode_fields(
+    fields: dict[str, Fields], plan: list[TensorSpec], compressor: Compressor
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """:func:`decode_update` after unpacking (a client decodes its own fields this way, to
+    know the update the server will see)."""
     update: dict[str, torch.Tensor] = {}
     stats: dict[str, float] = {}
     for spec in plan:

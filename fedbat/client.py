@@ -12,9 +12,18 @@ from typing import Any, Protocol
 
 import torch
 from lightning.fabric import Fabric
+from torch.nn.utils import parametrize
 
-from fedbat.compressors import ClientHook, Compressor, ErrorFeedback, TensorSpec, encode_update
+from fedbat.compressors import (
+    ClientHook,
+    Compressor,
+    ErrorFeedback,
+    TensorSpec,
+    decode_fields,
+    encode_fields,
+)
 from fedbat.compressors.base import all_finite
+from fedbat.compressors.packet import pack
 from fedbat.contract import (
     LogCollector,
     ServerSchedule,
@@ -55,6 +64,7 @@ class ClientResult:
     residuals: dict[str, torch.Tensor]  # this client's error-feedback state after encoding
     failure: str = ""  # why the client sent nothing (its packet is then empty)
     logs: dict[str, float] = field(default_factory=dict)  # training_step's self.log, averaged
+    state: dict[str, torch.Tensor] = field(default_factory=dict)  # the strategy's, per client
 
     @property
     def ok(self) -> bool:
@@ -89,12 +99,15 @@ def train_client(
     memory: ErrorFeedback | None,
     schedule: ServerSchedule | None = None,
     strategy: Strategy | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> ClientResult:
     """Train ``client`` from the weights it holds and encode ``w_client - held``.
 
     ``task`` is a reused worker LightningModule on ``cfg.device``, run under its own contract
     (``fedbat/contract.py``); all of this client's randomness (data order, FedBAT draws,
-    dropout) is seeded by (seed, round, client).
+    dropout) is seeded by (seed, round, client). ``extra`` is the strategy's broadcast
+    state the client holds, ``state`` the client's own from its last round.
     """
     seed = derive_seed(cfg.seed, round_idx, client)
     torch.manual_seed(seed)
@@ -105,7 +118,7 @@ def train_client(
     hooks = [  # the strategy's first: FedProx's term sees the layers as FedBAT parametrizes them
         h
         for h in (
-            strategy.client_hook(task, held) if strategy is not None else None,
+            strategy.client_hook(task, held, extra or {}, state or {}) if strategy else None,
             uplink.training_hook(task, [s.name for s in plan if s.compressed], cfg.steps(n)),
         )
         if h is not None
@@ -119,7 +132,15 @@ def train_client(
     if not math.isfinite(train_loss) or not all(all_finite(u.float()) for u in update.values()):
         why = f"non-finite local training (loss {train_loss})"
         return ClientResult(client, b"", 0, n, train_loss, 0.0, {}, why)
-    packet = encode_update(update, plan, uplink, generator(seed), memory, client, preencoded)
+    gen = generator(seed)
+    fields = encode_fields(update, plan, uplink, gen, memory, client, preencoded)
+    new_state = {}
+    if strategy is not None and (extra_plan := strategy.extra_plan(plan)):
+        sent, _ = decode_fields(fields, plan, uplink)
+        message = {k: v for h in hooks for k, v in h.message(sent).items()}
+        fields |= encode_fields(message, extra_plan, uplink, gen, memory, client)
+        new_state = {k: v for h in hooks for k, v in h.client_state().items()}
+    packet = pack(fields, uplink)
     residuals = memory.of(client) if memory is not None else {}
     return ClientResult(
         client,
@@ -130,6 +151,7 @@ def train_client(
         time.perf_counter() - start,
         residuals,
         logs=logs,
+        state=new_state,
     )
 
 
@@ -160,17 +182,19 @@ def _local_epochs(
         for batch_idx, batch in enumerate(batches):
             logs.batch_size = batch_size_of(batch)
             call_hook(task, "on_train_batch_start", batch, batch_idx)
-            with autocast():
+            with autocast(), parametrize.cached():  # hooks see the weights the step used
                 out = task.training_step(batch, batch_idx)
-            loss = training_loss(out)
-            objective = loss  # what is minimised; the logged train loss stays the task's
-            for h in hooks:
-                objective = h.loss(objective)
+                loss = training_loss(out)
+                objective = loss  # what is minimised; the logged train loss stays the task's
+                for h in hooks:
+                    objective = h.loss(objective)
             optimizer.zero_grad(set_to_none=True)
             call_hook(task, "on_before_backward", objective)
             backward(objective)
             call_hook(task, "on_after_backward")
             call_hook(task, "on_before_optimizer_step", optimizer)
+            for h in hooks:
+                h.before_step(optimizer)
             optimizer.step()
             if schedule is not None and schedule.client_steps_scheduler(opt, step):
                 opt.scheduler.step()

@@ -1,9 +1,9 @@
 """Moving client results between processes: the real packet bytes, gathered to every rank.
 
 Each rank serialises its clients' results into one safetensors blob (packets as uint8
-tensors, error-feedback residuals as fp32, facts in the header), the blobs are padded to a
-common length and all-gathered, and every rank parses all of them. With one process this is
-the identity.
+tensors; error-feedback residuals and the strategy's per-client state as fp32; facts in the
+header), the blobs are padded to a common length and all-gathered, and every rank parses all
+of them. With one process this is the identity.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def serialise(results: list[ClientResult]) -> bytes:
         )
         for key, t in r.residuals.items():
             tensors[f"{r.client}/residual/{key}"] = t.contiguous()
+        for key, t in r.state.items():
+            tensors[f"{r.client}/state/{key}"] = t.contiguous()
         facts.append(
             [r.client, r.payload_bits, r.num_samples, r.train_loss, r.compress_s, r.failure, r.logs]
         )
@@ -42,11 +44,16 @@ def deserialise(blob: bytes) -> list[ClientResult]:
     tensors = st_load(blob)
     out = []
     for client, payload, n, loss, secs, failure, logs in json.loads(read_metadata(blob)["facts"]):
-        prefix = f"{client}/residual/"
-        residuals = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        residuals, state = (_under(tensors, f"{client}/{part}/") for part in ("residual", "state"))
         data = tensors[f"{client}/packet"].numpy().tobytes()
-        out.append(ClientResult(client, data, payload, n, loss, secs, residuals, failure, logs))
+        out.append(
+            ClientResult(client, data, payload, n, loss, secs, residuals, failure, logs, state)
+        )
     return out
+
+
+def _under(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def gather(fabric: Fabric, results: list[ClientResult]) -> list[ClientResult]:

@@ -204,9 +204,11 @@ class Federation:
             cfg.seed,
             f.max_update_ratio,
             f.batch_size if f.weight_by == "batches" else None,
+            self.dm.num_clients,
         )
         lossy_ef = self.uplink.error_feedback and not self.uplink.lossless
         self.up_memory = ErrorFeedback() if lossy_ef else None
+        self.client_states: dict[str, torch.Tensor] = {}  # the strategy's, "client/name"
         self.bits = BitCounter()
         self.history: list[dict[str, float]] = []
         self.local = LocalTraining(f.local_epochs, f.batch_size, cfg.seed, fabric.device, fabric)
@@ -229,6 +231,8 @@ class Federation:
                 self.up_memory,
                 self.schedule,
                 self.server.strategy,
+                self.server.held_extra,
+                self.client_state(c),
             )
             for c in clients[fabric.global_rank :: fabric.world_size]
         ]
@@ -237,6 +241,8 @@ class Federation:
         if self.up_memory is not None:
             for res in results:
                 self.up_memory.residuals.update(res.residuals)  # keys: "client/tensor"
+        for res in results:
+            self.client_states |= {f"{res.client}/{k}": v for k, v in res.state.items()}
         agg = self.server.aggregate(results)
         lr = self.schedule.lr
         self.schedule.end_round(max(self.local.steps(self.dm.client_size(c)) for c in clients))
@@ -262,6 +268,10 @@ class Federation:
             | ({"train/lr": lr} if lr is not None else {})
         )
 
+    def client_state(self, client: int) -> dict[str, torch.Tensor]:
+        prefix = f"{client}/"
+        return {k[len(prefix) :]: v for k, v in self.client_states.items() if k.startswith(prefix)}
+
     def evaluate(self) -> dict[str, float]:
         self.task.load_state_dict(self.server.global_state())
         return evaluate(self.task, self.dm.test_batches(1024, self.fabric.device))
@@ -271,6 +281,7 @@ class Federation:
             "round": completed,
             "server": self.server.state_dict(),
             "uplink_memory": self.up_memory.state_dict() if self.up_memory is not None else {},
+            "client_states": self.client_states,
             "bits": self.bits.state_dict(),
             "schedule": self.schedule.state_dict(),
             "history": self.history,
@@ -282,6 +293,7 @@ class Federation:
         self.server.load_state_dict(state["server"])
         if self.up_memory is not None:
             self.up_memory = ErrorFeedback(state["uplink_memory"])
+        self.client_states = dict(state.get("client_states", {}))
         self.bits = BitCounter(**state["bits"])
         self.schedule.load_state_dict(state.get("schedule", {}))
         self.history = state["history"]

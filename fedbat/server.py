@@ -52,6 +52,7 @@ class Server:
         seed: int = 0,
         max_update_ratio: float | None = 1000.0,
         weight_batch_size: int | None = None,
+        num_clients: int = 1,
     ) -> None:
         self.model = copy.deepcopy(task).cpu().requires_grad_(False)
         self.params = dict(self.model.named_parameters())
@@ -59,9 +60,11 @@ class Server:
         self.max_update_ratio = max_update_ratio
         self.weight_batch_size = weight_batch_size  # set: weigh clients by batches, not samples
         self.strategy = strategy if strategy is not None else build_strategy("fedavg")
-        self.strategy.setup(self.params)
+        self.strategy.setup(self.params, num_clients)
+        self.packet_plan = plan + self.strategy.extra_plan(plan)  # both directions
         self.held = self.global_state()
-        self.previous = self.held  # the global model as of the last broadcast
+        self.held_extra = self.strategy.broadcast_state()  # the strategy's, as clients hold it
+        self.previous = self.held | self.held_extra  # as of the last broadcast
         self.memory = ErrorFeedback() if downlink.error_feedback and not downlink.lossless else None
 
     def global_state(self) -> dict[str, torch.Tensor]:
@@ -77,7 +80,7 @@ class Server:
                 out.rejected[res.client] = res.failure
                 continue
             try:
-                update, stats = decode_update(res.data, self.plan, self.uplink)
+                update, stats = decode_update(res.data, self.packet_plan, self.uplink)
                 _check_scale(update, bound)
             except PacketError as err:
                 out.rejected[res.client] = str(err)
@@ -135,22 +138,27 @@ class Server:
         With error feedback the residual carried to the next broadcast is what compression
         dropped, so ``w_hat`` tracks the global model; without it ``w_hat`` drifts away.
         """
-        state = self.global_state()
+        state = self.global_state() | self.strategy.broadcast_state()
         delta = {k: state[k] - self.previous[k] for k in state}
         self.previous = state
         gen = generator(self.seed, round_idx, DOWNLINK)
-        packet = encode_update(delta, self.plan, self.downlink, gen, self.memory, "server")
+        plan = self.packet_plan
+        packet = encode_update(delta, plan, self.downlink, gen, self.memory, "server")
+        held = self.held | self.held_extra
         if self.downlink.lossless:
-            self.held = state
+            held = state
         else:
-            decoded, _ = decode_update(packet.data, self.plan, self.downlink)
-            self.held = {k: self.held[k] + decoded[k].to(self.held[k].dtype) for k in self.held}
+            decoded, _ = decode_update(packet.data, plan, self.downlink)
+            held = {k: held[k] + decoded[k].to(held[k].dtype) for k in held}
+        self.held = {k: held[k] for k in self.held}
+        self.held_extra = {k: held[k] for k in self.held_extra}
         return packet
 
     def state_dict(self) -> dict:
         return {
             "global": self.global_state(),
             "held": self.held,
+            "held_extra": self.held_extra,
             "previous": self.previous,
             "strategy": self.strategy.state_dict(),
             "memory": self.memory.state_dict() if self.memory is not None else {},
@@ -159,6 +167,7 @@ class Server:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["global"])
         self.held = state["held"]
+        self.held_extra = state.get("held_extra", {})
         self.previous = state["previous"]
         self.strategy.load_state_dict(state["strategy"])
         if self.memory is not None:

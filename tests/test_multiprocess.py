@@ -42,7 +42,8 @@ def two_processes(
 
 
 def assert_same_run(one_dir: Path, two_dir: Path) -> None:
-    """Same per-round metrics, global and held weights, and error-feedback residuals."""
+    """Same per-round metrics, global and held weights, error-feedback residuals and the
+    strategy's per-client state (SCAFFOLD's control variates)."""
     one = checkpoint.load(one_dir / "checkpoint.pt")
     two = checkpoint.load(two_dir / "checkpoint.pt")
 
@@ -50,12 +51,13 @@ def assert_same_run(one_dir: Path, two_dir: Path) -> None:
         return [{k: v for k, v in h.items() if not k.startswith("time/")} for h in history]
 
     assert stable(one["history"]) == stable(two["history"])
-    for part in ("global", "held"):
+    for part in ("global", "held", "held_extra"):
         for k, v in one["server"][part].items():
             assert torch.equal(v, two["server"][part][k]), (part, k)
-    assert one["uplink_memory"].keys() == two["uplink_memory"].keys()
-    for k, v in one["uplink_memory"].items():  # residuals right whichever rank trained whom
-        assert torch.equal(v, two["uplink_memory"][k]), k
+    for part in ("uplink_memory", "client_states"):  # right whichever rank trained whom
+        assert one[part].keys() == two[part].keys()
+        for k, v in one[part].items():
+            assert torch.equal(v, two[part][k]), k
 
 
 # Float reductions (matmul, convolution) split their sums by the intra-op thread count, and
@@ -71,14 +73,14 @@ PINNED = "trainer.threads=1"
         ("fedbat", [], ["strategy=fedprox"], False),
         ("ef_signsgd", [], ["strategy=fedadam", "strategy.lr=0.1"], True),
         ("ef_signsgd", TORCHRUN, [], False),
-        ("fedbat", [], ["model=cnn"], False),
+        ("fedbat", [], ["model=cnn", "strategy=scaffold"], False),
     ],
     ids=[
         "none",
         "fedbat-fedprox",
         "ef_signsgd-fedadam-resumed",
         "ef_signsgd-torchrun",
-        "fedbat-cnn",
+        "fedbat-cnn-scaffold",
     ],
 )
 def test_two_processes_match_one_process_exactly(tmp_path, compressor, launcher, extra, resumed):
@@ -96,8 +98,10 @@ def test_two_processes_match_one_process_exactly(tmp_path, compressor, launcher,
     assert_same_run(tmp_path / "one", tmp_path / "two")
     with open(tmp_path / "two" / "metrics.csv") as f:
         assert len(f.read().strip().splitlines()) == 1 + 3  # header + every round once
+    one = checkpoint.load(tmp_path / "one" / "checkpoint.pt")
     if compressor == "ef_signsgd":
-        assert len(checkpoint.load(tmp_path / "one" / "checkpoint.pt")["uplink_memory"]) > 0
+        assert one["uplink_memory"]
+    assert bool(one["client_states"]) == ("strategy=scaffold" in extra)
 
 
 def slurm_task_env(rank: int, port: int) -> dict[str, str]:

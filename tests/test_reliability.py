@@ -53,7 +53,7 @@ def wait_for_rows(run_dir: Path, n: int, proc: subprocess.Popen, limit: float = 
 
 
 def test_sigkill_mid_round_then_rerun_equals_uninterrupted(tmp_path):
-    args = [*SLOW, "fed.rounds=10"]
+    args = [*SLOW, "fed.rounds=10", "strategy=scaffold"]  # with every kind of state
     whole = tmp_path / "whole"
     assert subprocess.run(cli(whole, *args), capture_output=True).returncode == 0
     broken = tmp_path / "broken"
@@ -70,11 +70,14 @@ def test_sigkill_mid_round_then_rerun_equals_uninterrupted(tmp_path):
     assert metric_rows(broken) == metric_rows(whole)
     a = checkpoint.load(whole / "checkpoint.pt")
     b = checkpoint.load(broken / "checkpoint.pt")
-    for part in ("global", "held"):
+    for part in ("global", "held", "held_extra"):
         for k, v in a["server"][part].items():
             assert torch.equal(v, b["server"][part][k]), k
-    assert a["uplink_memory"].keys() == b["uplink_memory"].keys()
-    assert all(torch.equal(v, b["uplink_memory"][k]) for k, v in a["uplink_memory"].items())
+    for k, v in a["server"]["strategy"]["c"].items():
+        assert torch.equal(v, b["server"]["strategy"]["c"][k]), k
+    for part in ("uplink_memory", "client_states"):
+        assert a[part].keys() == b[part].keys() and a[part]
+        assert all(torch.equal(v, b[part][k]) for k, v in a[part].items())
 
 
 @pytest.mark.parametrize(

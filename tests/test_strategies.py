@@ -3,6 +3,7 @@ strategy composed with compressors in real runs."""
 
 import math
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -165,3 +166,75 @@ def test_median_resists_a_poisoned_update_that_passes_validation(tmp_path):
         after = server.global_state()
         moved[name] = max(float((after[k] - before[k]).abs().max()) for k in server.params)
     assert moved["median"] < 0.1 < moved["fedavg"], moved
+
+
+class Quadratic(L.LightningModule):
+    """One weight ``w`` (0 at first); client ``a``'s loss is ``(w - a)^2 / 2``; SGD lr 0.5."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return 0.5 * ((self.w - batch) ** 2).sum()
+
+    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.log("test/loss", 0.5 * ((self.w - batch) ** 2).mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+class Targets:
+    """Client ``i`` holds the one sample ``targets[i]`` (a real ``ClientData``)."""
+
+    def __init__(self, targets: list[float]) -> None:
+        self.targets, self.num_clients = targets, len(targets)
+
+    def client_size(self, client: int) -> int:
+        return 1
+
+    def client_batches(self, client, batch_size, generator, device):
+        yield torch.tensor([self.targets[client]], device=device)
+
+    def test_batches(self, batch_size, device):
+        yield torch.tensor(self.targets, device=device)
+
+
+def test_scaffold_control_variates_by_hand(tmp_path):
+    """Two clients with targets 1 and -3, both sampled, K = 2 steps of lr 0.5 (K lr = 1).
+
+    Round 0 (x = 0, c = c_1 = c_2 = 0): client 1 steps 0 -> 0.5 -> 0.75, so dy_1 = 0.75 and
+    c_1 = -dy_1 / (K lr) = -0.75; client 2 steps 0 -> -1.5 -> -2.25, c_2 = 2.25. Server:
+    x = 0 + (0.75 - 2.25) / 2 = -0.75; c = (-0.75 + 2.25) / 2 = 0.75.
+    Round 1: client 1's gradients get c - c_1 = 1.5: -0.75 -> -0.625 -> -0.5625 (dy 0.1875),
+    c_1 = c_1 - c + (x - y) / (K lr) = -0.75 - 0.75 - 0.1875 = -1.6875; client 2's get -1.5:
+    -0.75 -> -1.125 -> -1.3125 (dy -0.5625), c_2 = 2.25 - 0.75 + 0.5625 = 2.0625.
+    Server: x = -0.75 + (0.1875 - 0.5625) / 2 = -0.9375; c = 0.75 + (-0.9375 - 0.1875) / 2
+    = 0.1875 = mean(c_i).
+    """
+    args = ("strategy=scaffold", "compressor=none", "fed.clients_per_round=2")
+    args += ("fed.local_epochs=2", "fed.batch_size=1", "trainer.threads=1")
+    want = {1: (-0.75, 0.75, -0.75, 2.25), 2: (-0.9375, 0.1875, -1.6875, 2.0625)}
+    for rounds, (x, c, c1, c2) in want.items():
+        cfg = make_cfg(tmp_path / str(rounds), *args, f"fed.rounds={rounds}")
+        run(cfg, task=Quadratic(), data=Targets([1.0, -3.0]))
+        state = checkpoint.load(tmp_path / str(rounds) / "checkpoint.pt")
+        assert state["server"]["global"]["w"].item() == x
+        assert state["server"]["strategy"]["c"]["w"].item() == c
+        assert state["server"]["held_extra"]["scaffold/w"].item() == c  # as the clients hold it
+        assert state["client_states"]["0/scaffold/w"].item() == c1
+        assert state["client_states"]["1/scaffold/w"].item() == c2
+
+
+def test_scaffold_traffic_goes_through_the_compressors_and_is_counted(tmp_path):
+    """The control-variate change rides in each client's packet and the server variate in
+    the broadcast: more bits than FedAvg in both directions, compressed by FedBAT."""
+    bits = {}
+    for name in ("fedavg", "scaffold"):
+        run(make_cfg(tmp_path / name, f"strategy={name}", "compressor=fedbat", "fed.rounds=1"))
+        row = checkpoint.load(tmp_path / name / "checkpoint.pt")["history"][0]
+        bits[name] = row["bits/uplink"], row["bits/downlink"]
+    (avg_up, avg_down), (sc_up, sc_down) = bits["fedavg"], bits["scaffold"]
+    assert 1.5 * avg_up < sc_up < 3 * avg_up  # a second, equally compressed model's worth
+    assert 1.5 * avg_down < sc_down < 3 * avg_down

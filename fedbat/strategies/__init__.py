@@ -5,11 +5,11 @@ The second registry of the framework, beside the compressors: every strategy com
 every compressor, in both directions. ``fedavg`` is the readable reference; the others are
 small differences from it (Flower's Strategy shape).
 
->>> sorted(STRATEGIES)
-['fedadagrad', 'fedadam', 'fedavg', 'fedavgm', 'fedprox', 'fedyogi', 'median', 'trimmed_mean']
+>>> ", ".join(sorted(STRATEGIES))
+'fedadagrad, fedadam, fedavg, fedavgm, fedprox, fedyogi, median, scaffold, trimmed_mean'
 """
 
-from fedbat.strategies import adaptive, fedavg, robust  # noqa: F401  (registration)
+from fedbat.strategies import adaptive, fedavg, robust, scaffold  # noqa: F401  (registration)
 from fedbat.strategies.base import STRATEGIES, Strategy, build, register
 
 __all__ = ["STRATEGIES", "Strategy", "build", "register"]

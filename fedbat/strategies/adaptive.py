@@ -35,8 +35,8 @@ class Adaptive(Strategy):
         check_range("tau", tau, 0.0, 1.0, low_open=True)
         self.beta1, self.beta2, self.tau = float(beta1), float(beta2), float(tau)
 
-    def setup(self, params: Mapping[str, nn.Parameter]) -> None:
-        super().setup(params)
+    def setup(self, params: Mapping[str, nn.Parameter], num_clients: int = 1) -> None:
+        super().setup(params, num_clients)
         self.m = {n: torch.zeros_like(p) for n, p in self.params.items()}
         self.v = {n: torch.full_like(p, self.tau**2) for n, p in self.params.items()}
 

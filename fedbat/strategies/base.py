@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fedbat.compressors.base import ClientHook
+from fedbat.compressors.packet import TensorSpec
 from fedbat.errors import ConfigError, check_range
 from fedbat.registry import ClassRegistry
 
@@ -18,7 +19,12 @@ class Strategy:
     weighted mean update ``delta`` (FedAvg: ``w += delta``); buffers (BN statistics,
     counters) always take the mean update directly. Server state lives in the strategy and
     is saved with :meth:`state_dict`. :meth:`client_hook` plugs client-side behaviour into
-    local training through the same hook list as a compressor's training hook."""
+    local training through the same hook list as a compressor's training hook.
+
+    A strategy may add tensors to the packets of both directions (:meth:`extra_plan`):
+    what the server broadcasts beside the model (:meth:`broadcast_state`) and what each
+    client's hook adds to its update (``ClientHook.message``). They travel through the
+    configured compressors and count in ``bits/*`` like the model."""
 
     name: str = "?"
 
@@ -26,9 +32,19 @@ class Strategy:
         check_range("lr", lr, 0.0, 100.0, low_open=True)
         self.lr = float(lr)
 
-    def setup(self, params: Mapping[str, nn.Parameter]) -> None:
-        """Called once with the global model's parameters, before any round."""
+    def setup(self, params: Mapping[str, nn.Parameter], num_clients: int = 1) -> None:
+        """Called once with the global model's parameters and the client population, before
+        any round."""
         self.params = dict(params)
+        self.num_clients = num_clients
+
+    def extra_plan(self, plan: list[TensorSpec]) -> list[TensorSpec]:
+        """The tensors this strategy adds to every packet, given the model's plan."""
+        return []
+
+    def broadcast_state(self) -> dict[str, torch.Tensor]:
+        """The server tensors every client must hold (named as in :meth:`extra_plan`)."""
+        return {}
 
     def combine(
         self, updates: list[dict[str, torch.Tensor]], weights: list[float]
@@ -48,8 +64,16 @@ class Strategy:
         """Move the parameters given to :meth:`setup` by the round's mean update."""
         raise NotImplementedError
 
-    def client_hook(self, model: nn.Module, held: Mapping[str, torch.Tensor]) -> ClientHook | None:
-        """What this strategy adds to a client's local training (FedProx: a loss term)."""
+    def client_hook(
+        self,
+        model: nn.Module,
+        held: Mapping[str, torch.Tensor],
+        extra: Mapping[str, torch.Tensor],
+        state: Mapping[str, torch.Tensor],
+    ) -> ClientHook | None:
+        """What this strategy adds to a client's local training (FedProx: a loss term), given
+        the weights the client holds, the :meth:`broadcast_state` it holds, and its own
+        state from the last time it was sampled (empty the first time)."""
         return None
 
     def state_dict(self) -> dict[str, Any]:

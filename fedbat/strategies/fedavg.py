@@ -24,8 +24,8 @@ class FedAvg(Strategy):
         check_range("momentum", momentum, 0.0, 0.999)
         self.momentum = float(momentum)
 
-    def setup(self, params: Mapping[str, nn.Parameter]) -> None:
-        super().setup(params)
+    def setup(self, params: Mapping[str, nn.Parameter], num_clients: int = 1) -> None:
+        super().setup(params, num_clients)
         self.optimizer = torch.optim.SGD(self.params.values(), lr=self.lr, momentum=self.momentum)
 
     @torch.no_grad()
@@ -58,11 +58,11 @@ class ProximalTerm(ClientHook):
         self.anchor = {n: held[n].to(device) for n in self.names}
 
     def loss(self, loss: torch.Tensor) -> torch.Tensor:
-        term = sum(((_current(self.model, n) - a) ** 2).sum() for n, a in self.anchor.items())
+        term = sum(((current(self.model, n) - a) ** 2).sum() for n, a in self.anchor.items())
         return loss + 0.5 * self.mu * term
 
 
-def _current(model: nn.Module, name: str) -> torch.Tensor:
+def current(model: nn.Module, name: str) -> torch.Tensor:
     """The tensor a layer uses now (through a parametrization, when one is attached)."""
     path, _, attr = name.rpartition(".")
     return getattr(model.get_submodule(path) if path else model, attr)
@@ -77,5 +77,11 @@ class FedProx(FedAvg):
         check_range("mu", mu, 0.0, 1e6)
         self.mu = float(mu)
 
-    def client_hook(self, model: nn.Module, held: Mapping[str, torch.Tensor]) -> ClientHook | None:
+    def client_hook(
+        self,
+        model: nn.Module,
+        held: Mapping[str, torch.Tensor],
+        extra: Mapping[str, torch.Tensor],
+        state: Mapping[str, torch.Tensor],
+    ) -> ClientHook | None:
         return ProximalTerm(model, held, self.mu) if self.mu > 0 else None
