@@ -7,6 +7,7 @@ import re
 import sys
 from pathlib import Path
 
+from fedbat import slurm
 from fedbat.errors import ConfigError, RunDirError
 
 USAGE = """usage: fedbat {train,list,plot} ...
@@ -169,6 +170,7 @@ def plot(args: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    slurm.listen()
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-V", "--version"):
         from fedbat import __version__

@@ -23,7 +23,7 @@ import torch
 from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 
-from fedbat import checkpoint, exchange, rundir
+from fedbat import checkpoint, exchange, rundir, slurm
 from fedbat.accounting import BitCounter
 from fedbat.client import ClientData, LocalTraining, train_client
 from fedbat.compressors import ErrorFeedback, build_pair, wire_plan
@@ -49,13 +49,18 @@ def build_fabric(cfg: DictConfig) -> Fabric:
     strategy = t.strategy
     if strategy == "auto" and (t.devices not in (1, "1") or t.num_nodes > 1):
         strategy = "ddp"
-    return Fabric(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=strategy,
-        precision=t.precision,
-    )
+    with warnings.catch_warnings():  # a local run on a cluster's login node is no mistake
+        warnings.filterwarnings("ignore", message="The `srun` command is available")
+        try:
+            return Fabric(
+                accelerator=t.accelerator,
+                devices=t.devices,
+                num_nodes=t.num_nodes,
+                strategy=strategy,
+                precision=t.precision,
+            )
+        except RuntimeError as err:  # e.g. SLURM's --ntasks, which Lightning does not read
+            raise ConfigError(f"trainer: {' '.join(str(err).split())}") from None
 
 
 def threads_per_process(cfg: DictConfig, fabric: Fabric) -> int:
@@ -144,17 +149,24 @@ def resolve_function(key: str, path: str) -> Any:
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM, as an exception so that cleanup runs; it knows what was kept."""
+    """Ctrl-C or SIGTERM, as an exception so that cleanup runs; it knows what was kept.
+    SIGUSR1 (SLURM pre-emption) stops after a round, checkpointed; ``requeued`` says what
+    became of the job."""
 
     def __init__(self, signame: str, saved_round: int | None = None) -> None:
         super().__init__(signame)
         self.signame, self.saved_round = signame, saved_round
+        self.requeued = ""
 
     @property
     def exit_code(self) -> int:
+        if self.signame == "SIGUSR1":
+            return 0 if self.requeued.startswith("requeued") else 138
         return 143 if self.signame == "SIGTERM" else 130
 
     def message(self) -> str:
+        if self.signame == "SIGUSR1":
+            return f"SIGUSR1: stopped after round {self.saved_round}, checkpointed; {self.requeued}"
         kept = (
             f"the checkpoint after round {self.saved_round} is intact: rerun the same command "
             "to resume"
@@ -312,6 +324,7 @@ def run(
     run_dir = Path(cfg.run_dir)
     lock = RunDirLock(run_dir)
     threads = torch.get_num_threads()
+    previous_usr1 = signal.signal(signal.SIGUSR1, slurm.STOP)
     try:
         validate(cfg)
         fabric = build_fabric(cfg)
@@ -321,9 +334,14 @@ def run(
             rundir.remove_stale(run_dir)
         fabric.launch()
         torch.set_num_threads(threads_per_process(cfg, fabric))
-        summary = _train(cfg, fabric, run_dir, task, data)
+        summary = _train(cfg, fabric, run_dir, task, data, slurm.STOP)
         _leave_process_group(fabric)
         return summary
+    except Interrupted as stopped:
+        if stopped.signame == "SIGUSR1":
+            lock.release()  # before the requeue: the next allocation takes the run dir
+            stopped.requeued = slurm.requeue(fabric.global_rank == 0)
+        raise
     except ConfigError:
         lock.release()
         if run_dir.is_dir() and not any(run_dir.iterdir()):
@@ -332,6 +350,7 @@ def run(
     finally:
         lock.release()
         torch.set_num_threads(threads)
+        signal.signal(signal.SIGUSR1, previous_usr1)
 
 
 def _leave_process_group(fabric: Fabric) -> None:
@@ -348,6 +367,7 @@ def _train(
     run_dir: Path,
     task: L.LightningModule | None,
     data: ClientData | None,
+    stop: slurm.StopRequest,
 ) -> dict[str, Any]:
     f = cfg.fed
     resume_state = _resume_state(cfg, run_dir)
@@ -379,14 +399,19 @@ def _train(
             if is_zero and ((r + 1) % f.eval_every == 0 or last):
                 metrics |= fed.evaluate()
             fed.history.append(metrics)
+            stopping = not last and stop.agreed(fabric)
             if is_zero:  # checkpoint first: a round that was logged is never lost
                 with _writing(run_dir):
-                    if (r + 1) % cfg.checkpoint.every == 0 or last:
+                    if (r + 1) % cfg.checkpoint.every == 0 or last or stopping:
                         checkpoint.save(run_dir, fed.state_dict(r + 1, wandb_id))
-                        saved = r + 1
                     for lg in loggers:
                         lg.log_metrics(metrics, step=r)
+            if (r + 1) % cfg.checkpoint.every == 0 or last or stopping:
+                saved = r + 1
             progress.update(metrics)
+            if stopping:
+                stop.asked = False  # consumed: a later run in this process starts afresh
+                raise Interrupted("SIGUSR1", saved)
         summary = summarise(fed.history, cfg)
         if is_zero:
             with _writing(run_dir):
@@ -395,9 +420,12 @@ def _train(
                 lg.experiment.summary.update(summary)
         status = "success"
         return summary
-    except KeyboardInterrupt as stop:
-        signame = stop.signame if isinstance(stop, Interrupted) else "SIGINT"
-        raise Interrupted(signame, saved) from None
+    except Interrupted as interrupt:
+        if interrupt.signame == "SIGUSR1":
+            raise
+        raise Interrupted(interrupt.signame, saved) from None
+    except KeyboardInterrupt:
+        raise Interrupted("SIGINT", saved) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
         progress.close()

@@ -33,7 +33,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
     except (ConfigError, PeerLost) as err:
         print(f"fedbat: error: {err}", file=sys.stderr)
         raise SystemExit(2 if isinstance(err, ConfigError) else 1) from None
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+    rank = next((os.environ[k] for k in ("RANK", "SLURM_PROCID") if k in os.environ), "0")
+    if int(rank) == 0:  # torchrun / Fabric's launcher set RANK; srun sets SLURM_PROCID
         print(done_line(summary, cfg.run_dir))
     return summary.get("final_acc")  # the sweep objective
 

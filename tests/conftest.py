@@ -32,3 +32,18 @@ def _offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """SLURM jobs start with the session, so their waiting overlaps the other tests."""
+    if any(item.nodeid.startswith("tests/test_slurm.py") for item in session.items):
+        from tests import slurm_jobs
+
+        slurm_jobs.start()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    import sys
+
+    if "tests.slurm_jobs" in sys.modules:
+        sys.modules["tests.slurm_jobs"].cancel_all()

@@ -4,6 +4,9 @@ batches with a custom collate_fn, ``self.log`` of tensors and a torchmetrics Met
 
 from __future__ import annotations
 
+import os
+import time
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -105,3 +108,11 @@ class ManualClassifier(LitClassifier):
     def __init__(self, **kw) -> None:
         super().__init__(**kw)
         self.automatic_optimization = False
+
+
+class PacedClassifier(LitClassifier):
+    """LitClassifier whose steps take ``$FEDBAT_TEST_PACE`` seconds more of wall time, and no
+    more CPU: it stretches a cluster job past its time limit without changing a result."""
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        time.sleep(float(os.environ.get("FEDBAT_TEST_PACE", "0")))
