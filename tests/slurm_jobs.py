@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -168,12 +169,89 @@ def sweep(base: Path) -> dict[str, Any]:
     return {"proc": done, "sweep_dir": sweep_dir}
 
 
+TWO_NODE_CONF = """ClusterName=two{port}
+SlurmctldHost={host}
+SlurmctldPort={port}
+SlurmdPort={slurmd_port}
+AuthType=auth/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd-%n.pid
+SlurmdSpoolDir={d}/spool-%n
+StateSaveLocation={d}/state
+SlurmUser=root
+SlurmdUser=root
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SlurmctldLogFile={d}/slurmctld.log
+SlurmdLogFile={d}/slurmd-%n.log
+NodeName=n1 NodeHostname={host} Port={n1_port} CPUs=1 RealMemory=1000
+NodeName=n2 NodeHostname={host} Port={n2_port} CPUs=1 RealMemory=1000
+PartitionName=main Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def two_nodes(base: Path) -> dict[str, Any]:
+    """A second cluster of two nodes, two slurmd daemons on this host (Debian's slurmd runs
+    several with ``-N``), and the example job on 2 nodes x 1 task."""
+    d = base / "two_nodes"
+    (d / "state").mkdir(parents=True)
+    port = 20000 + os.getpid() % 10000
+    conf = d / "slurm.conf"
+    conf.write_text(
+        TWO_NODE_CONF.format(
+            host=socket.gethostname(),
+            d=d,
+            port=port,
+            slurmd_port=port + 1,
+            n1_port=port + 2,
+            n2_port=port + 3,
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["SLURM_CONF"] = str(conf)
+    try:
+        subprocess.run(["slurmctld", "-f", str(conf)], env=env, check=True, timeout=30)
+        for node in ("n1", "n2"):
+            subprocess.run(["slurmd", "-f", str(conf), "-N", node], env=env, check=True, timeout=30)
+        end = time.time() + 60
+        while time.time() < end and not _stopping.is_set():
+            out = subprocess.run(["sinfo", "-h", "-o", "%D %T"], env=env, capture_output=True)
+            if out.stdout.decode().split() == ["2", "idle"]:
+                break
+            time.sleep(0.5)
+        run_dir = d / "run"
+        job = subprocess.run(
+            [
+                "sbatch",
+                "--wait",
+                "--nodes=2",
+                "--ntasks-per-node=1",
+                "--cpus-per-task=1",
+                f"--output={d}/job-%j.out",
+                f"--chdir={REPO}",
+                str(EXAMPLE),
+                *SLOW,
+            ],
+            env=env | {"RUN_DIR": str(run_dir), "MASTER_ADDR": "127.0.0.1"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        return {"sbatch": job, "run_dir": run_dir}
+    finally:
+        for pid in d.glob("*.pid"):
+            subprocess.run(["kill", pid.read_text().strip()], capture_output=True)
+
+
 SCENARIOS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "equal": equal,
     "requeued": requeued,
     "preempted": preempted,
     "timed_out": timed_out,
     "sweep": sweep,
+    "two_nodes": two_nodes,
 }
 
 

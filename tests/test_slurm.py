@@ -92,3 +92,13 @@ def test_a_submitit_sweep_submits_one_job_per_configuration():
     groups = {c.logger.wandb.group for c in cfgs}  # seeds aggregate, compressors never
     assert groups == {"compressor=none,fed.rounds=2", "compressor=fedbat,fed.rounds=2"}
     assert all(list(c.logger.wandb.tags) == ["sweep-sweep"] for c in cfgs)
+
+
+def test_a_job_on_two_nodes_equals_one_process(one_process):
+    """Two slurmd daemons on this host are two nodes to SLURM (their names, n1 and n2, are
+    not host names, so the job is told MASTER_ADDR=127.0.0.1)."""
+    out = slurm_jobs.result("two_nodes")
+    assert out["sbatch"].returncode == 0, out["sbatch"].stderr
+    log = slurm_jobs.output(out["run_dir"])
+    assert "MEMBER: 2/2" in log
+    assert_same_run(one_process / "slow", out["run_dir"])
