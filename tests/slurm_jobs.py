@@ -23,16 +23,18 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "slurm" / "train_cpu.sbatch"
 FINAL = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL", "OUT_OF_MEMORY"}
 
-# The same config for the 2-task jobs and their 1-process references (trainer.threads=1 is
-# what the example sets from --cpus-per-task).
-SLOW = ["model=cnn", "fed.local_epochs=4", "compressor=ef_signsgd", "fed.clients_per_round=4"]
-SLOW += ["fed.rounds=12"]
-PACED = [  # a user's LightningModule whose steps sleep $FEDBAT_TEST_PACE s: CPU stays free
+# The jobs' config and their 1-process references' (trainer.threads=1 is what the example
+# sets from --cpus-per-task): a user's LightningModule and DataModule, whose steps sleep
+# $FEDBAT_TEST_PACE s where a job must last (the CPU stays free for the other tests), with
+# error-feedback state.
+PACED = [
     "task._target_=tests.user_project.lit.PacedClassifier",
     "datamodule._target_=tests.user_project.lit.DigitsDataModule",
     "fed.clients_per_round=2",
+    "compressor=ef_signsgd",
 ]
-PACE = "0.15"  # ~0.5 s a round
+PACE = "0.3"  # 3 steps a round: at least 0.9 s a round
+ROUNDS = {"equal": 12, "preempted": 60, "timed_out": 100}
 
 _futures: dict[str, Future] = {}
 _jobs: list[str] = []
@@ -49,7 +51,8 @@ def unavailable() -> str | None:
         )
     except (OSError, subprocess.TimeoutExpired) as err:
         return f"SLURM does not answer ({err})"
-    if out.returncode or not any(s in out.stdout for s in ("idle", "mix", "alloc")):
+    states = out.stdout.split()  # idle, mixed, allocated, completing: usable; down: not
+    if out.returncode or not any(not s.startswith(("down", "drain", "fail")) for s in states):
         return f"no SLURM node is up (sinfo: {(out.stdout + out.stderr).strip()[:100]!r})"
     return None
 
@@ -119,13 +122,14 @@ def output(run_dir: Path) -> str:
 def equal(base: Path) -> dict[str, Any]:
     """The example job, 2 tasks, left alone."""
     run_dir = base / "equal" / "run"
-    return {"info": wait_done(sbatch(EXAMPLE, SLOW, run_dir), 300), "run_dir": run_dir}
+    args = [*PACED, f"fed.rounds={ROUNDS['equal']}"]
+    return {"info": wait_done(sbatch(EXAMPLE, args, run_dir), 300), "run_dir": run_dir}
 
 
 def requeued(base: Path) -> dict[str, Any]:
     """The example job, requeued by ``scontrol requeue`` once 2 rounds are logged."""
     run_dir = base / "requeued" / "run"
-    job = sbatch(EXAMPLE, SLOW, run_dir)
+    job = sbatch(EXAMPLE, [*PACED, f"fed.rounds={ROUNDS['equal']}"], run_dir, pace=PACE)
     end = time.time() + 300
     while rows(run_dir) < 2 and time.time() < end and not _stopping.is_set():
         time.sleep(0.1)
@@ -138,7 +142,7 @@ def preempted(base: Path) -> dict[str, Any]:
     allocations, and requeues itself at the end of each."""
     run_dir = base / "preempted" / "run"
     options = ["--time=1", "--signal=USR1@50"]
-    job = sbatch(EXAMPLE, [*PACED, "fed.rounds=60"], run_dir, options, PACE)
+    job = sbatch(EXAMPLE, [*PACED, f"fed.rounds={ROUNDS['preempted']}"], run_dir, options, PACE)
     return {"info": wait_done(job, 600), "run_dir": run_dir}
 
 
@@ -149,7 +153,7 @@ def timed_out(base: Path) -> dict[str, Any]:
     script.parent.mkdir(parents=True, exist_ok=True)
     lines = EXAMPLE.read_text().splitlines()
     script.write_text("\n".join(x for x in lines if not x.startswith("#SBATCH --signal")) + "\n")
-    args = [*PACED, "fed.rounds=200"]
+    args = [*PACED, f"fed.rounds={ROUNDS['timed_out']}"]  # ~90 s at the pace: past 1 min
     first = wait_done(sbatch(script, args, run_dir, ["--time=1"], PACE), 400)
     killed_at = rows(run_dir)
     second = wait_done(sbatch(script, args, run_dir, ["--time=10"]), 300)
@@ -210,7 +214,7 @@ def two_nodes(base: Path) -> dict[str, Any]:
         )
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env["SLURM_CONF"] = str(conf)
+    env |= {"SLURM_CONF": str(conf), "PYTHONPATH": str(REPO)}
     try:
         subprocess.run(["slurmctld", "-f", str(conf)], env=env, check=True, timeout=30)
         for node in ("n1", "n2"):
@@ -232,7 +236,8 @@ def two_nodes(base: Path) -> dict[str, Any]:
                 f"--output={d}/job-%j.out",
                 f"--chdir={REPO}",
                 str(EXAMPLE),
-                *SLOW,
+                *PACED,
+                f"fed.rounds={ROUNDS['equal']}",
             ],
             env=env | {"RUN_DIR": str(run_dir), "MASTER_ADDR": "127.0.0.1"},
             capture_output=True,

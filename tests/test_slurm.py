@@ -31,9 +31,8 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=str(REASON))
 def one_process(tmp_path_factory):
     """1-process references of the scenarios' configs (equal trainer.threads)."""
     base = tmp_path_factory.mktemp("one")
-    run(make_cfg(base / "slow", *slurm_jobs.SLOW, "trainer.threads=1"))
-    run(make_cfg(base / "paced60", *slurm_jobs.PACED, "fed.rounds=60", "trainer.threads=1"))
-    run(make_cfg(base / "paced200", *slurm_jobs.PACED, "fed.rounds=200", "trainer.threads=1"))
+    for name, rounds in slurm_jobs.ROUNDS.items():
+        run(make_cfg(base / name, *slurm_jobs.PACED, f"fed.rounds={rounds}", "trainer.threads=1"))
     return base
 
 
@@ -42,7 +41,7 @@ def test_sbatch_job_of_two_tasks_equals_one_process(one_process):
     assert out["info"]["JobState"] == "COMPLETED", out["info"]
     log = slurm_jobs.output(out["run_dir"])
     assert "MEMBER: 2/2" in log  # srun's two tasks formed one job
-    assert_same_run(one_process / "slow", out["run_dir"])
+    assert_same_run(one_process / "equal", out["run_dir"])
 
 
 def test_scontrol_requeue_mid_run_resumes_bitwise(one_process):
@@ -51,7 +50,7 @@ def test_scontrol_requeue_mid_run_resumes_bitwise(one_process):
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, info
     done = int(re.search(r"resuming \S+ after round (\d+) of 12", log).group(1))
     assert 2 <= done < 12 and "interrupted (SIGTERM)" in log
-    assert_same_run(one_process / "slow", out["run_dir"])
+    assert_same_run(one_process / "equal", out["run_dir"])
 
 
 def test_sigusr1_before_the_time_limit_requeues_and_loses_no_round(one_process):
@@ -62,7 +61,7 @@ def test_sigusr1_before_the_time_limit_requeues_and_loses_no_round(one_process):
     resumes = re.findall(r"resuming \S+ after round (\d+) of 60", log)
     assert stops and sorted(set(stops)) == sorted(set(resumes)), (stops, resumes)
     assert "Traceback" not in log
-    assert_same_run(one_process / "paced60", out["run_dir"])
+    assert_same_run(one_process / "preempted", out["run_dir"])
 
 
 def test_a_job_killed_at_its_time_limit_resumes_when_resubmitted(one_process):
@@ -71,10 +70,10 @@ def test_a_job_killed_at_its_time_limit_resumes_when_resubmitted(one_process):
     assert out["second"]["JobState"] == "COMPLETED", out["second"]
     log = slurm_jobs.output(out["run_dir"])
     kept = re.search(r"interrupted \(SIGTERM\); the checkpoint after round (\d+) is intact", log)
-    assert kept and f"resuming {out['run_dir']} after round {kept.group(1)} of 200" in log
+    assert kept and f"resuming {out['run_dir']} after round {kept.group(1)} of 100" in log
     assert int(kept.group(1)) == out["killed_at"]  # every logged round was kept
-    assert_same_run(one_process / "paced200", out["run_dir"])
-    assert checkpoint.load(out["run_dir"] / "checkpoint.pt")["round"] == 200
+    assert_same_run(one_process / "timed_out", out["run_dir"])
+    assert checkpoint.load(out["run_dir"] / "checkpoint.pt")["round"] == 100
 
 
 def test_a_submitit_sweep_submits_one_job_per_configuration():
@@ -101,4 +100,4 @@ def test_a_job_on_two_nodes_equals_one_process(one_process):
     assert out["sbatch"].returncode == 0, out["sbatch"].stderr
     log = slurm_jobs.output(out["run_dir"])
     assert "MEMBER: 2/2" in log
-    assert_same_run(one_process / "slow", out["run_dir"])
+    assert_same_run(one_process / "equal", out["run_dir"])
