@@ -41,6 +41,18 @@ _jobs: list[str] = []
 _stopping = threading.Event()
 
 
+def reason_to_skip() -> str | None:
+    """Why the SLURM tests do not run here (None: they do)."""
+    if not os.environ.get("FEDBAT_SLURM_TESTS"):
+        return (
+            "SLURM tests run with FEDBAT_SLURM_TESTS=1 against a running cluster "
+            "(../shared/tools/local-slurm start), as .ci/run does"
+        )
+    if problem := unavailable():
+        raise RuntimeError(f"FEDBAT_SLURM_TESTS=1 but {problem}")
+    return None
+
+
 def unavailable() -> str | None:
     """Why SLURM cannot be used here, or None."""
     if shutil.which("sbatch") is None:
@@ -262,7 +274,7 @@ SCENARIOS: dict[str, Callable[[Path], dict[str, Any]]] = {
 
 def start() -> None:
     """Start every scenario in the background (once), when SLURM is here."""
-    if _futures or unavailable():
+    if _futures or reason_to_skip():
         return
     base = Path(tempfile.mkdtemp(prefix="fedbat-slurm-"))
     for name, scenario in SCENARIOS.items():
