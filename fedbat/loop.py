@@ -262,8 +262,8 @@ class Federation:
         broadcast = self.server.broadcast(r)
         compress_s = sum(res.compress_s for res in results) + time.perf_counter() - t_down
         for client, why in agg.rejected.items():
-            fabric.print(f"round {r}: rejected client {client}: {why}")
-        metrics: dict[str, float] = {"round": r, "train/loss": agg.train_loss}
+            fabric.print(f"round {r + 1}: rejected client {client}: {why}")
+        metrics: dict[str, float] = {"round": r + 1, "train/loss": agg.train_loss}
         metrics |= self.bits.add_round(results, broadcast, cfg.fed.clients_per_round, self.plan)
         return (
             metrics
@@ -405,7 +405,7 @@ def _train(
                     if (r + 1) % cfg.checkpoint.every == 0 or last or stopping:
                         checkpoint.save(run_dir, fed.state_dict(r + 1, wandb_id))
                     for lg in loggers:
-                        lg.log_metrics(metrics, step=r)
+                        lg.log_metrics(metrics, step=r + 1)
             if (r + 1) % cfg.checkpoint.every == 0 or last or stopping:
                 saved = r + 1
             progress.update(metrics)

@@ -81,7 +81,7 @@ def plot_runs(paths: Iterable[Path], out: Path | None = None) -> list[Path]:
         for i, (run_dir, lab) in enumerate(zip(runs, labels, strict=True)):
             rows = [r for r in read_metrics(run_dir) if "test/acc" in r]
             ax.plot(
-                [r[x_key] + (1 if x_key == "round" else 0) for r in rows],
+                [r[x_key] for r in rows],
                 [r["test/acc"] for r in rows],
                 marker=".",
                 label=lab,

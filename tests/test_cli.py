@@ -36,7 +36,7 @@ def test_train_with_overrides_writes_metrics(tmp_path):
     (run_dir,) = (tmp_path / "runs").glob("digits_mlp_fedbat/*")
     with open(run_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["round"] for r in rows] == ["0", "1"]
+    assert [r["round"] for r in rows] == ["1", "2"]  # rounds count from 1 everywhere
     cfg = (run_dir / "config.yaml").read_text()
     assert "partition: dirichlet" in cfg and "downlink: none" in cfg
 

@@ -76,7 +76,7 @@ def test_wandb_offline_run_and_csv_values(tmp_path, no_network):
     assert no_network == []
     with open(tmp_path / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [int(float(r["round"])) for r in rows] == [0, 1, 2]
+    assert [int(float(r["round"])) for r in rows] == [1, 2, 3]
     up = [int(float(r["bits/uplink"])) for r in rows]
     assert len(set(up)) == 1  # fixed-size packets: 10 clients x the same bytes each round
     cum = [int(float(r["bits/uplink_cum"])) for r in rows]
