@@ -1,4 +1,5 @@
-"""The ``fedbat`` command: ``train`` (Hydra app), ``list`` (what is registered), ``plot``."""
+"""The ``fedbat`` command: ``train`` (Hydra app), ``list`` (what is registered), ``plot`` and
+``compare`` (runs read back)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ USAGE = """usage: fedbat {train,list,plot} ...
         fedbat train --cfg job          print the resolved config
         fedbat train --multirun compressor=none,fedbat,topk
   fedbat list                         registered compressors, datasets, models, partitions
-  fedbat plot RUN_DIR... [-o OUT]     accuracy vs round and vs uplink bits (PNG)
+  fedbat plot RUN_DIR... [-o OUT] [--x round,uplink,downlink,total] [--format png,pdf,svg]
+                                      accuracy curves, seeds as mean +- sd
+  fedbat compare RUN_DIR... [--target ACC]
+                                      a Markdown table of the runs
 """
 
 HYDRA_FLAGS = (
@@ -159,13 +163,36 @@ def plot(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="fedbat plot")
     parser.add_argument("runs", nargs="+", type=Path, help="run dirs or sweep dirs")
     parser.add_argument("-o", "--out", type=Path, default=None, help="output folder")
+    parser.add_argument(
+        "--x", default="round,uplink", help="x axes: round, uplink, downlink, total (bits)"
+    )
+    parser.add_argument("--format", default="png", help="png, pdf, svg (comma-separated)")
+    parser.add_argument("--title", default=None, help="default: dataset | model | partition")
     ns = parser.parse_args(args)
     try:
-        paths = plot_runs(ns.runs, ns.out)
+        paths = plot_runs(
+            ns.runs, ns.out, ns.x.split(","), ns.format.split(","), title_text=ns.title
+        )
     except ConfigError as err:
         return fail(str(err))
     for p in paths:
         print(p)
+    return 0
+
+
+def compare(args: list[str]) -> int:
+    from fedbat.plot import compare as compare_runs
+
+    parser = argparse.ArgumentParser(prog="fedbat compare")
+    parser.add_argument("runs", nargs="+", type=Path, help="run dirs or sweep dirs")
+    parser.add_argument(
+        "--target", type=float, default=None, help="accuracy for the bits-to-target column"
+    )
+    ns = parser.parse_args(args)
+    try:
+        print(compare_runs(ns.runs, ns.target), end="")
+    except ConfigError as err:
+        return fail(str(err))
     return 0
 
 
@@ -180,7 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
-    commands = {"train": train, "list": lambda _: list_registered(), "plot": plot}
+    commands = {
+        "train": train,
+        "list": lambda _: list_registered(),
+        "plot": plot,
+        "compare": compare,
+    }
     if argv[0] not in commands:
         return fail(f"unknown command {argv[0]!r}; available: {', '.join(commands)}")
     return commands[argv[0]](argv[1:])

@@ -121,7 +121,9 @@ def test_second_run_in_the_same_dir_fails_at_once_naming_the_holder(tmp_path):
     assert f"in use by process {first.pid} on" in second.stderr
     assert len(second.stderr.strip().splitlines()) == 1
     rounds = [int(r["round"]) for r in metric_rows(run_dir)]
-    assert rounds == list(range(1, len(rounds) + 1))  # one writer: no duplicated or interleaved rows
+    assert rounds == list(
+        range(1, len(rounds) + 1)
+    )  # one writer: no duplicated or interleaved rows
     assert not (run_dir / ".lock").exists()
 
 

@@ -220,3 +220,37 @@ def test_progress_bar_keeps_its_bar_and_eta_on_a_narrow_terminal(width):
     assert re.search(r"(\d+:\d\d:\d\d|-:--:--)\s*$", last), last  # the ETA, last
     assert "acc 0.9583" in last and "up 93.22 Mb" in last
     assert ("down 93.22 Mb" in last) == (width >= 110)
+
+
+def test_plot_and_compare_aggregate_seeds_and_label_by_what_differs(tmp_path, capsys):
+    for name in ("none", "signsgd"):
+        for seed in (0, 1):
+            run(
+                make_cfg(tmp_path / "runs" / f"{name}_{seed}", f"compressor={name}", f"seed={seed}")
+            )
+    out = tmp_path / "figs"
+    args = ["plot", str(tmp_path / "runs"), "-o", str(out), "--x", "round,total"]
+    assert main([*args, "--format", "png,pdf,svg"]) == 0
+    assert (out / "acc_vs_total.pdf").read_bytes().startswith(b"%PDF")
+    assert mpimg.imread(out / "acc_vs_round.png").shape[:2] == (500, 800)
+    svg = (out / "acc_vs_round.svg").read_text()
+    for text in ("compressor=none (2 seeds)", "compressor=signsgd (2 seeds)"):
+        assert text in svg  # labels: only the key that differs; seeds aggregated
+    assert "digits | mlp | iid, 20 clients" in svg  # the title: what every run shares
+    assert svg.count("PolyCollection") >= 2  # the ± sd bands
+    assert main([*args, "--x", "epochs"]) == 2
+    assert "--x 'epochs': must be one of round, uplink, downlink, total" in capsys.readouterr().err
+
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "runs"), "--target", "0.05"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| configuration | seeds | final acc | best acc |")
+    rows = {r.split(" | ")[0][2:]: r for r in table[2:]}
+    assert set(rows) == {"compressor=none (2 seeds)", "compressor=signsgd (2 seeds)"}
+    assert (
+        " | 2 | " in rows["compressor=none (2 seeds)"]
+        and " ± " in rows["compressor=none (2 seeds)"]
+    )
+    assert "(acc 0.05)" in rows["compressor=signsgd (2 seeds)"]
+    assert main(["compare", str(tmp_path / "runs"), "--target", "0.999"]) == 0
+    assert "not reached (0/2 seeds reach 0.999)" in capsys.readouterr().out
