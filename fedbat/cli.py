@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import sys
 from pathlib import Path
@@ -68,7 +69,41 @@ def compose(overrides: list[str], with_hydra: bool = False):
         return hydra_compose("train", overrides=overrides, return_hydra_config=with_hydra)
 
 
-def prevalidate(overrides: list[str]) -> str | None:
+CHECKED_FLAGS = {"-m": 0, "--multirun": 0, "--cfg": 1, "-c": 1, "--resolve": 0}  # flag: values
+
+
+def jobs_to_validate(args: list[str]) -> list[list[str]]:
+    """The overrides of every job ``fedbat train args`` would run (one list; one per job of
+    a ``--multirun``, expanded as Hydra's basic sweeper does), or none where other Hydra
+    flags (help, completion, another config) make the command something else."""
+    overrides, i = [], 0
+    while i < len(args):
+        if args[i] in CHECKED_FLAGS:
+            i += 1 + CHECKED_FLAGS[args[i]]
+            continue
+        if args[i].split("=")[0] in HYDRA_FLAGS:
+            return []
+        overrides.append(args[i])
+        i += 1
+    if not any(a in ("-m", "--multirun") for a in args):
+        return [overrides]
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return [overrides]  # composing it says what is wrong, in one line
+    choices = [
+        [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+        if o.is_sweep_override()
+        else [o.input_line]
+        for o in parsed
+    ]
+    return [list(job) for job in itertools.product(*choices)]
+
+
+def prevalidate(overrides: list[str], check_run_dir: bool = True) -> str | None:
     """Compose and validate before Hydra creates or touches any run directory."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -78,7 +113,7 @@ def prevalidate(overrides: list[str]) -> str | None:
     try:
         cfg = compose(overrides, with_hydra=True)
         run_dir = Path(cfg.run_dir or cfg.hydra.run.dir)
-        if run_dir.exists() and not run_dir.is_dir():  # Hydra would fail creating it
+        if check_run_dir and run_dir.exists() and not run_dir.is_dir():  # Hydra would fail
             raise RunDirError(f"run_dir={run_dir}: exists and is not a directory")
         validate(cfg)
     except ConfigError as err:
@@ -116,8 +151,9 @@ def hydra_message(text: str, overrides: list[str]) -> str:
 
 
 def train(args: list[str]) -> int:
-    if not any(a.split("=")[0] in HYDRA_FLAGS for a in args):
-        problem = prevalidate(args)
+    jobs = jobs_to_validate(args)
+    for job in jobs:  # every job of a sweep, before Hydra starts any or writes a thing
+        problem = prevalidate(job, check_run_dir=len(jobs) == 1 and "--cfg" not in args)
         if problem:
             return fail(problem)
     from fedbat import train as train_module

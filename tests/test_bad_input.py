@@ -163,3 +163,21 @@ def test_run_dir_gone_mid_run_is_one_line(tmp_path):
     assert proc.returncode == 2, lines
     assert lines[-1].startswith(f"fedbat: error: run_dir={run_dir}: cannot write"), lines
     assert "Traceback" not in err.decode()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--multirun", "compressor=none,fedbat", "fed.lr=0.1,nan"],  # job 3 of 4 is bad
+        ["-m", "seed=0,1", "compressor=none,nosuch"],
+        ["--cfg", "job", "fed.lr=nan"],
+    ],
+)
+def test_every_job_of_a_sweep_is_validated_before_any_starts(tmp_path, capsys, args):
+    """One line, exit 2, and no sweep dir: Hydra never started (in-process: it would)."""
+    sweep = tmp_path / "sweep"
+    assert main(["train", *args, "fed.rounds=1", f"hydra.sweep.dir={sweep}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fedbat: error: ")
+    assert ("fed.lr=nan: must be a number" in err[0]) or ("compressor=nosuch" in err[0])
+    assert not sweep.exists()
