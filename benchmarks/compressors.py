@@ -1,8 +1,10 @@
-"""Encode + decode throughput of every compressor, through real packet bytes.
+"""Encode + decode throughput and wire overhead of every compressor, through real packets.
 
 Inputs: one 10M-element fp32 tensor, and a full cnn4 (FMNIST) and resnet10 (CIFAR) update.
 Prints MB/s of fp32 input for encode->bytes->decode, beside a plain tensor copy measured in
-the same run, and the ratio to that copy. Run: python benchmarks/compressors.py
+the same run, and the ratio to that copy; then the packet's bytes, its payload bytes (the
+compressed tensors themselves) and the container's share of the packet (header, names,
+padding). Run: python benchmarks/compressors.py
 """
 
 from __future__ import annotations
@@ -48,7 +50,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     print(f"torch threads: {torch.get_num_threads()}")
-    print(f"{'input':10} {'compressor':11} {'MB/s':>9} {'x copy':>8} {'packet bytes':>13}")
+    print(
+        f"{'input':10} {'compressor':11} {'MB/s':>9} {'x copy':>8} {'packet bytes':>13} "
+        f"{'payload':>10} {'overhead':>9}"
+    )
     for wname, (plan, update) in workloads().items():
         mb = sum(v.numel() * 4 for v in update.values()) / 1e6
         copy_s = best_seconds(lambda u=update: {k: v.clone() for k, v in u.items()}, args.repeats)
@@ -56,14 +61,18 @@ def main() -> None:
         for name in C.available():
             comp = C.build(name)
 
-            def roundtrip(comp=comp, plan=plan, update=update) -> int:
+            def roundtrip(comp=comp, plan=plan, update=update) -> C.Packet:
                 packet = C.encode_update(update, plan, comp, torch.Generator().manual_seed(0))
                 C.decode_update(packet.data, plan, comp)
-                return len(packet.data)
+                return packet
 
             secs = best_seconds(roundtrip, args.repeats)
-            size = roundtrip()
-            print(f"{wname:10} {name:11} {mb / secs:9.1f} {copy_s / secs:8.3f} {size:13d}")
+            packet = roundtrip()
+            size, payload = len(packet.data), packet.payload_bits // 8
+            print(
+                f"{wname:10} {name:11} {mb / secs:9.1f} {copy_s / secs:8.3f} {size:13d} "
+                f"{payload:10d} {100 * (size - payload) / size:8.2f}%"
+            )
 
 
 if __name__ == "__main__":
