@@ -104,7 +104,7 @@ def test_sigterm_and_ctrl_c_exit_nonzero_with_intact_checkpoint(tmp_path, sig, c
 
 def test_sigusr1_finishes_the_round_checkpoints_and_stops(tmp_path):
     """SLURM's pre-emption signal, outside SLURM: the round in progress completes and is
-    checkpointed (although checkpoint.every would not save it), exit 138; a rerun resumes."""
+    checkpointed (although checkpoint.every would not save it), exit 138."""
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     args = [*SLOW, "fed.rounds=200", "checkpoint.every=1000"]
@@ -116,8 +116,7 @@ def test_sigusr1_finishes_the_round_checkpoints_and_stops(tmp_path):
     assert proc.returncode == 138, err
     assert f"SIGUSR1: stopped after round {done}, checkpointed; not a SLURM job" in err
     assert done == len(metric_rows(run_dir)) >= 2 and "Traceback" not in err
-    again = subprocess.run(cli(run_dir, *SLOW, f"fed.rounds={done + 1}"), capture_output=True)
-    assert again.returncode == 0 and len(metric_rows(run_dir)) == done + 1
+    # resuming from it, across SLURM requeues, is tests/test_slurm.py's
 
 
 def test_resume_refuses_a_different_run(tmp_path):
