@@ -184,3 +184,18 @@ def test_failing_rank_fails_the_job_without_hanging(tmp_path):
     # the rank left waiting in the exchange says so in one line, not a gloo traceback
     assert "rank 0: another process stopped during the packet exchange" in out.stderr
     assert out.stderr.count("Traceback") == 1  # rank 1's own
+
+
+def test_slurm_ntasks_without_ntasks_per_node_is_one_line(tmp_path, monkeypatch):
+    """Lightning reads --ntasks-per-node, not --ntasks: a job script that sets only the
+    latter is told so in one line (it was a RuntimeError traceback from Lightning)."""
+    from fedbat.errors import ConfigError
+    from fedbat.loop import build_fabric
+
+    for key, value in slurm_task_env(0, 29500).items():
+        if key.startswith("SLURM_"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE")
+    cfg = make_cfg(tmp_path, "trainer.devices=2")
+    with pytest.raises(ConfigError, match=r"^trainer: You set `--ntasks=2` .*--ntasks-per-node=2"):
+        build_fabric(cfg)
