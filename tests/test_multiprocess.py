@@ -70,14 +70,12 @@ PINNED = "trainer.threads=1"
     ("compressor", "launcher", "extra", "resumed"),
     [
         ("none", [], [], False),
-        ("fedbat", [], ["strategy=fedprox"], False),
         ("ef_signsgd", [], ["strategy=fedadam", "strategy.lr=0.1"], True),
         ("ef_signsgd", TORCHRUN, [], False),
         ("fedbat", [], ["model=cnn", "strategy=scaffold"], False),
     ],
     ids=[
         "none",
-        "fedbat-fedprox",
         "ef_signsgd-fedadam-resumed",
         "ef_signsgd-torchrun",
         "fedbat-cnn-scaffold",

@@ -181,11 +181,10 @@ def test_switching_a_csv_run_to_wandb_replays_its_history(tmp_path):
     assert b"vs_uplink_bits/test/acc" in data
 
 
-def test_version_and_the_line_a_finished_run_ends_with(tmp_path):
+def test_version_and_the_line_a_finished_run_ends_with(tmp_path, capsys):
     from tests.test_cli import fedbat
 
-    out = fedbat("--version", cwd=tmp_path)
-    assert out.returncode == 0 and out.stdout.startswith("fedbat 0.")
+    assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("fedbat 0.")
     out = fedbat("train", "fed.rounds=2", "progress=false", cwd=tmp_path)
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("fedbat: done: test/acc final 0.") and "| up " in last
