@@ -19,7 +19,8 @@ USAGE = """usage: fedbat {train,list,plot} ...
         fedbat train --cfg job          print the resolved config
         fedbat train --multirun compressor=none,fedbat,topk
   fedbat list                         registered compressors, datasets, models, partitions
-  fedbat plot RUN_DIR... [-o OUT] [--x round,uplink,downlink,total] [--format png,pdf,svg]
+  fedbat plot RUN_DIR... [-o OUT] [--x round,uplink,downlink,total,comm]
+                                      [--format png,pdf,svg]
                                       accuracy curves, seeds as mean +- sd
   fedbat compare RUN_DIR... [--target ACC]
                                       a Markdown table of the runs
@@ -200,7 +201,9 @@ def plot(args: list[str]) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="run dirs or sweep dirs")
     parser.add_argument("-o", "--out", type=Path, default=None, help="output folder")
     parser.add_argument(
-        "--x", default="round,uplink", help="x axes: round, uplink, downlink, total (bits)"
+        "--x",
+        default="round,uplink",
+        help="x axes: round, uplink, downlink, total (bits), comm (simulated seconds)",
     )
     parser.add_argument("--format", default="png", help="png, pdf, svg (comma-separated)")
     parser.add_argument("--title", default=None, help="default: dataset | model | partition")

@@ -87,6 +87,15 @@ def validate(cfg: DictConfig) -> None:
     check_range("policy.min_numel", cfg.policy.min_numel, 0, BIG, integer=True)
     module_types(cfg.policy.modules)
     check_range("checkpoint.every", cfg.checkpoint.every, 1, BIG, integer=True)
+    net = cfg.get("network") or {}
+    if (net.get("uplink_mbps") is None) != (net.get("downlink_mbps") is None):
+        given = "uplink" if net.get("uplink_mbps") is not None else "downlink"
+        raise ConfigError(f"network.{given}_mbps: set both network.uplink_mbps and downlink_mbps")
+    if net.get("uplink_mbps") is not None:
+        for key in ("uplink_mbps", "downlink_mbps"):
+            check_range(f"network.{key}", net[key], 0.0, 1e9, low_open=True)
+        check_range("network.latency_ms", net.latency_ms, 0.0, 1e7)
+        check_range("network.spread", net.spread, 0.0, 5.0)
     if cfg.get("target_acc") is not None:
         check_range("target_acc", cfg.target_acc, 0.0, 1.0)
     t = cfg.trainer

@@ -36,6 +36,7 @@ from fedbat.errors import CheckpointError, ConfigError, RunDirError
 from fedbat.loggers import build_loggers, close_loggers, is_wandb
 from fedbat.models import build as build_model
 from fedbat.models import check_fits
+from fedbat.network import Network
 from fedbat.progress import RoundProgress
 from fedbat.rundir import RunDirLock
 from fedbat.seeding import sample_clients
@@ -222,6 +223,13 @@ class Federation:
         self.up_memory = ErrorFeedback() if lossy_ef else None
         self.client_states: dict[str, torch.Tensor] = {}  # the strategy's, "client/name"
         self.bits = BitCounter()
+        n = cfg.get("network") or {}
+        self.network = (
+            Network(n.uplink_mbps, n.downlink_mbps, n.latency_ms, n.spread, cfg.seed)
+            if n.get("uplink_mbps") is not None
+            else None
+        )
+        self.comm_s = 0.0  # cumulative simulated communication time
         self.history: list[dict[str, float]] = []
         self.local = LocalTraining(f.local_epochs, f.batch_size, cfg.seed, fabric.device, fabric)
         self.schedule = ServerSchedule(copy.deepcopy(self.task))  # checks the contract too
@@ -265,6 +273,11 @@ class Federation:
             fabric.print(f"round {r + 1}: rejected client {client}: {why}")
         metrics: dict[str, float] = {"round": r + 1, "train/loss": agg.train_loss}
         metrics |= self.bits.add_round(results, broadcast, cfg.fed.clients_per_round, self.plan)
+        if self.network is not None:
+            up = {res.client: 8 * len(res.data) for res in results}
+            comm = self.network.round_seconds(up, broadcast.bits)
+            self.comm_s += comm
+            metrics |= {"sim/comm_s": comm, "sim/comm_cum_s": self.comm_s}
         return (
             metrics
             | {
@@ -309,6 +322,7 @@ class Federation:
         self.bits = BitCounter(**state["bits"])
         self.schedule.load_state_dict(state.get("schedule", {}))
         self.history = state["history"]
+        self.comm_s = self.history[-1].get("sim/comm_cum_s", 0.0) if self.history else 0.0
 
 
 def run(

@@ -29,6 +29,7 @@ X_AXES = {  # --x choice: (metric, axis label, log scale)
     "uplink": ("bits/uplink_cum", "cumulative uplink bits", True),
     "downlink": ("bits/downlink_cum", "cumulative downlink bits", True),
     "total": ("bits/total_cum", "cumulative bits, both ways", True),
+    "comm": ("sim/comm_cum_s", "simulated communication time (s)", False),
 }
 FORMATS = ("png", "pdf", "svg")
 # Keys that never tell configurations apart: where a run went and how it was watched.

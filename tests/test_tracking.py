@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from fedbat import checkpoint
 from fedbat.cli import main
+from fedbat.errors import ConfigError
 from fedbat.loop import run
 from fedbat.progress import RoundProgress
 from tests.conftest import make_cfg
@@ -238,7 +239,10 @@ def test_plot_and_compare_aggregate_seeds_and_label_by_what_differs(tmp_path, ca
     assert "digits | mlp | iid, 20 clients" in svg  # the title: what every run shares
     assert svg.count("PolyCollection") >= 2  # the ± sd bands
     assert main([*args, "--x", "epochs"]) == 2
-    assert "--x 'epochs': must be one of round, uplink, downlink, total" in capsys.readouterr().err
+    assert (
+        "--x 'epochs': must be one of round, uplink, downlink, total, comm"
+        in capsys.readouterr().err
+    )
 
     capsys.readouterr()
     assert main(["compare", str(tmp_path / "runs"), "--target", "0.05"]) == 0
@@ -253,3 +257,31 @@ def test_plot_and_compare_aggregate_seeds_and_label_by_what_differs(tmp_path, ca
     assert "(acc 0.05)" in rows["compressor=signsgd (2 seeds)"]
     assert main(["compare", str(tmp_path / "runs"), "--target", "0.999"]) == 0
     assert "not reached (0/2 seeds reach 0.999)" in capsys.readouterr().out
+
+
+def test_simulated_communication_time_from_the_real_packet_sizes(tmp_path, capsys):
+    """1 Mbit/s up, 10 down, 50 ms: a round takes its slowest client's two latencies plus
+    the broadcast down and its own packet up; FedBAT's 1-bit uplink makes rounds faster."""
+    net = ["network.uplink_mbps=1", "network.downlink_mbps=10", "network.latency_ms=50"]
+    for name in ("none", "fedbat"):
+        run(make_cfg(tmp_path / name, f"compressor={name}", "compressor.downlink=none", *net))
+    rows = {
+        n: checkpoint.load(tmp_path / n / "checkpoint.pt")["history"] for n in ("none", "fedbat")
+    }
+    for row in rows["none"]:  # equal packets: every client is the slowest
+        up = row["bits/uplink"] / 10
+        down = row["bits/downlink"] / 10
+        assert row["sim/comm_s"] == pytest.approx(0.1 + down / 10e6 + up / 1e6, rel=1e-12)
+    assert rows["none"][-1]["sim/comm_cum_s"] == pytest.approx(
+        sum(r["sim/comm_s"] for r in rows["none"])
+    )
+    assert rows["fedbat"][0]["sim/comm_s"] < 0.5 * rows["none"][0]["sim/comm_s"]
+    # log-normal spread: per-client links, fixed by (seed, client), slower for someone
+    run(make_cfg(tmp_path / "spread", "compressor=none", *net, "network.spread=1.0"))
+    spread = checkpoint.load(tmp_path / "spread" / "checkpoint.pt")["history"]
+    assert [r["sim/comm_s"] for r in spread] != [r["sim/comm_s"] for r in rows["none"]]
+    assert main(["plot", str(tmp_path), "--x", "comm", "-o", str(tmp_path / "f")]) == 0
+    assert (tmp_path / "f" / "acc_vs_comm.png").is_file()
+    bad = make_cfg(tmp_path / "bad", "network.uplink_mbps=1")
+    with pytest.raises(ConfigError, match=r"network\.uplink_mbps: set both"):
+        run(bad)
