@@ -146,6 +146,21 @@ def _with_bits_axis(cls: type) -> type:
     return BitsAxisWandbLogger
 
 
+ARTIFACT_FILES = ("config.yaml", "summary.json", "checkpoint.pt")
+
+
+def log_artifacts(experiment: Any, run_dir: Path) -> None:
+    """The run's config, summary and final checkpoint as one W&B artifact (type ``run``),
+    so a finished run can be fetched, compared or resumed from W&B alone."""
+    import wandb
+
+    artifact = wandb.Artifact(f"run-{experiment.id}", type="run")
+    for name in ARTIFACT_FILES:
+        if (run_dir / name).is_file():
+            artifact.add_file(str(run_dir / name), name=name)
+    experiment.log_artifact(artifact)
+
+
 def close_loggers(loggers: list[Logger], status: str) -> None:
     """Flush and close every logger; a W&B run is finished so the next run (a sweep's next
     job in the same process, or a test) starts its own."""

@@ -33,7 +33,7 @@ from fedbat.contract import ServerSchedule, evaluate
 from fedbat.datamodules import FederatedDataModule
 from fedbat.datamodules.dataset import from_datamodule
 from fedbat.errors import CheckpointError, ConfigError, RunDirError
-from fedbat.loggers import build_loggers, close_loggers, is_wandb
+from fedbat.loggers import build_loggers, close_loggers, is_wandb, log_artifacts
 from fedbat.models import build as build_model
 from fedbat.models import check_fits
 from fedbat.network import Network
@@ -432,6 +432,8 @@ def _train(
                 (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             for lg in filter(is_wandb, loggers):
                 lg.experiment.summary.update(summary)
+                if cfg.logger.wandb.get("artifacts"):
+                    log_artifacts(lg.experiment, run_dir)
         status = "success"
         return summary
     except Interrupted as interrupt:

@@ -55,6 +55,7 @@ def test_wandb_offline_run_and_csv_values(tmp_path, no_network):
         "compressor.downlink=none",
         "fed.rounds=3",
         "target_acc=0.1",
+        "logger.wandb.artifacts=true",
     )
     summary = run(cfg)
     # finish() returns before the W&B service has closed the run file; teardown waits for
@@ -72,6 +73,10 @@ def test_wandb_offline_run_and_csv_values(tmp_path, no_network):
         b"fedbat/alpha/model.1.weight",
         b"best_acc",
         b"bits_uplink_to_target",
+        f"run-{offline.name[-8:]}".encode(),  # the artifact, with the run's files
+        b"config.yaml",
+        b"summary.json",
+        b"checkpoint.pt",
     ):
         assert key in data, key
     assert no_network == []
@@ -285,3 +290,22 @@ def test_simulated_communication_time_from_the_real_packet_sizes(tmp_path, capsy
     bad = make_cfg(tmp_path / "bad", "network.uplink_mbps=1")
     with pytest.raises(ConfigError, match=r"network\.uplink_mbps: set both"):
         run(bad)
+
+
+def test_wandb_sweep_yaml_gives_commands_fedbat_accepts():
+    """The agent's command for every grid point (``${args_no_hyphens}``: key=value pairs)
+    composes and validates; the agent itself needs a W&B server, which tests do not reach."""
+    import itertools
+
+    from fedbat.cli import prevalidate
+
+    spec = OmegaConf.to_container(OmegaConf.load("examples/wandb_sweep.yaml"))
+    command = spec["command"]
+    assert command[:3] == ["${env}", "fedbat", "train"] and command[-1] == "${args_no_hyphens}"
+    params = spec["parameters"]
+    grid = [[(k, v) for v in p.get("values", [p.get("value")])] for k, p in params.items()]
+    points = list(itertools.product(*grid))
+    assert len(points) == 12
+    for point in points[:: len(params["seed"]["values"])]:  # each compressor once
+        args = [*command[3:-1], *(f"{k}={v}" for k, v in point)]
+        assert prevalidate(args, check_run_dir=False) is None, args
