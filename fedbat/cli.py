@@ -177,6 +177,21 @@ def train(args: list[str]) -> int:
     return 0
 
 
+def shell_completion(argv: list[str]) -> int:
+    """Hydra's shell completion (``eval "$(fedbat -sc install=bash)"``). Its script calls
+    ``fedbat -sc query=bash`` with the command line in ``COMP_LINE``; Hydra completes the
+    words after the program, so the ``train`` command is taken out of the line first."""
+    import os
+
+    line = os.environ.get("COMP_LINE", "")
+    words = line.split(" ", 2)
+    if len(words) > 1 and words[1] == "train":
+        os.environ["COMP_LINE"] = " ".join([words[0], *words[2:]])
+        point = int(os.environ.get("COMP_POINT", len(line)))
+        os.environ["COMP_POINT"] = str(max(0, point - len(" train")))
+    return train(argv)
+
+
 def list_registered() -> int:
     from rich.console import Console
     from rich.table import Table
@@ -246,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] in ("-sc", "--shell-completion"):
+        return shell_completion(argv)
     commands = {
         "train": train,
         "list": lambda _: list_registered(),

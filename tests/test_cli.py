@@ -175,3 +175,25 @@ def test_train_help_explains_the_keys(tmp_path):
     assert "raising it on a finished run extends it" in out.stdout  # the keys, explained
     assert "max_update_ratio: 1000.0" in out.stdout  # and the whole config
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "want"),
+    [
+        ("fedbat train compressor=f", "compressor=fedbat"),
+        ("fedbat train fed.ro", "fed.rounds="),
+        ("fedbat train strategy=sca", "strategy=scaffold"),
+    ],
+)
+def test_shell_completion_completes_the_train_command(line, want, monkeypatch, capsys):
+    """What bash asks once `eval "$(fedbat -sc install=bash)"` has run."""
+    monkeypatch.setenv("COMP_LINE", line)
+    monkeypatch.setenv("COMP_POINT", str(len(line)))
+    assert main(["-sc", "query=bash"]) == 0
+    assert capsys.readouterr().out.split() == [want]
+
+
+def test_shell_completion_installs_for_the_fedbat_command(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/fedbat", "-sc", "install=bash"])
+    assert main(["-sc", "install=bash"]) == 0
+    assert "-F hydra_bash_completion fedbat" in capsys.readouterr().out
