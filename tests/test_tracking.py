@@ -20,6 +20,7 @@ from fedbat.errors import ConfigError
 from fedbat.loop import run
 from fedbat.progress import RoundProgress
 from tests.conftest import make_cfg
+from tests.wandb_records import read_run
 
 
 @pytest.fixture
@@ -63,25 +64,22 @@ def test_wandb_offline_run_and_csv_values(tmp_path, no_network):
     wandb.teardown()
     (offline,) = wandb_runs(tmp_path)
     (run_file,) = offline.glob("run-*.wandb")
-    data = run_file.read_bytes()
-    for key in (
-        b"test/acc",
-        b"bits/uplink_cum",
-        b"bits/downlink",
-        b"compression/uplink_ratio",
-        b"time/compress_s",
-        b"fedbat/alpha/model.1.weight",
-        b"best_acc",
-        b"bits_uplink_to_target",
-        f"run-{offline.name[-8:]}".encode(),  # the artifact, with the run's files
-        b"config.yaml",
-        b"summary.json",
-        b"checkpoint.pt",
-    ):
-        assert key in data, key
+    wb = read_run(run_file)  # wandb's own records, decoded with its protobuf schema
     assert no_network == []
     with open(tmp_path / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
+    assert len(wb["history"]) == len(rows) == 3  # each round once, the same values as the CSV
+    for logged, row in zip(wb["history"], rows, strict=True):
+        for key in ("round", "test/acc", "bits/uplink_cum", "fedbat/alpha/model.1.weight"):
+            assert logged[key] == float(row[key]), key
+        assert logged["vs_uplink_bits/test/acc"] == logged["test/acc"]
+    assert wb["axes"]["test/acc"] == "round"  # every metric's x-axis, defined exactly
+    assert wb["axes"]["vs_uplink_bits/test/acc"] == "bits/uplink_cum"
+    assert wb["summary"]["best_acc"] == summary["best_acc"]
+    assert wb["summary"]["bits_uplink_to_target"] == summary["bits_uplink_to_target"]
+    assert wb["config"]["compressor"]["name"] == "fedbat"
+    files = ["checkpoint.pt", "config.yaml", "summary.json"]  # the opt-in artifact
+    assert wb["artifacts"] == [(f"run-{offline.name[-8:]}", "run", files)]
     assert [int(float(r["round"])) for r in rows] == [1, 2, 3]
     up = [int(float(r["bits/uplink"])) for r in rows]
     assert len(set(up)) == 1  # fixed-size packets: 10 clients x the same bytes each round
@@ -179,12 +177,12 @@ def test_switching_a_csv_run_to_wandb_replays_its_history(tmp_path):
     wandb.teardown()
     (offline,) = wandb_runs(tmp_path)
     (run_file,) = offline.glob("run-*.wandb")
-    data = run_file.read_bytes()
+    logged = read_run(run_file)["history"]
     history = checkpoint.load(tmp_path / "checkpoint.pt")["history"]
-    assert len(history) == 3
-    for row in history:  # rounds 0 and 1 replayed, round 2 trained now: each row's own loss
-        assert repr(row["test/loss"]).encode() in data, row["round"]
-    assert b"vs_uplink_bits/test/acc" in data
+    assert len(history) == len(logged) == 3  # rounds 1 and 2 replayed, round 3 trained now
+    for row, got in zip(history, logged, strict=True):
+        assert (got["round"], got["test/loss"]) == (row["round"], row["test/loss"])
+        assert got["vs_uplink_bits/test/acc"] == row["test/acc"]
 
 
 def test_version_and_the_line_a_finished_run_ends_with(tmp_path, capsys):
