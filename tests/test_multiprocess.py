@@ -69,13 +69,11 @@ PINNED = "trainer.threads=1"
 @pytest.mark.parametrize(
     ("compressor", "launcher", "extra", "resumed"),
     [
-        ("none", [], [], False),
         ("ef_signsgd", [], ["strategy=fedadam", "strategy.lr=0.1"], True),
         ("ef_signsgd", TORCHRUN, [], False),
         ("fedbat", [], ["model=cnn", "strategy=scaffold"], False),
     ],
     ids=[
-        "none",
         "ef_signsgd-fedadam-resumed",
         "ef_signsgd-torchrun",
         "fedbat-cnn-scaffold",

@@ -1,10 +1,13 @@
 """How fedbat meets W&B's own resolution of mode and credentials: real subprocesses, real
 offline run files, no network but loopback."""
 
+import http.server
 import os
 import socket
+import socketserver
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -59,10 +62,26 @@ def test_no_credentials_logs_offline_in_one_line(tmp_path):
     assert b"test/acc" in run_file.read_bytes()
 
 
+class Refusing(http.server.BaseHTTPRequestHandler):
+    """A self-hosted W&B server that refuses every request (401) at once."""
+
+    def do_POST(self) -> None:
+        self.send_response(401)
+        self.end_headers()
+
+    do_GET = do_POST
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 def test_netrc_credentials_for_a_self_hosted_server_are_found(tmp_path):
     """Credentials in $NETRC for the server wandb is configured for (WANDB_BASE_URL) make
-    the run go online; the server is down, so it falls back to offline, saying so."""
-    port = closed_port()
+    the run go online; the server refuses them, so it falls back to offline, saying so.
+    (A server that does not answer at all takes wandb ~15 s of its own retries.)"""
+    server = socketserver.TCPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
     env = clean_env(tmp_path, WANDB_BASE_URL=f"http://127.0.0.1:{port}")
     Path(env["NETRC"]).write_text(
         f"machine 127.0.0.1:{port}\n  login user\n  password {'a' * 40}\n"
@@ -71,7 +90,9 @@ def test_netrc_credentials_for_a_self_hosted_server_are_found(tmp_path):
     out = train(tmp_path, env, "logger.wandb.init_timeout=1")
     assert out.returncode == 0, out.stderr
     assert "no W&B credentials" not in out.stderr
-    assert "fedbat: W&B is unreachable" in out.stderr and "logging offline" in out.stderr
+    assert "fedbat: W&B is unreachable" in out.stderr and "error 401" in out.stderr
+    assert "logging offline" in out.stderr
+    server.shutdown()
     (run_file,) = offline_runs(tmp_path)
     assert b"test/acc" in run_file.read_bytes()
 
