@@ -1,6 +1,7 @@
 """What a careless user gives fedbat: each is one line naming the value, exit code 2, and
 nothing already written is lost or changed."""
 
+import os
 import shutil
 import signal
 import subprocess
@@ -99,6 +100,13 @@ def test_lowering_rounds_of_a_finished_run_is_refused(tmp_path, capsys):
 
 
 SLOW = ["model=cnn", "fed.local_epochs=8", "fed.rounds=4"]  # ~0.5 s/round on 2 cores
+# a user's module whose steps sleep: a run that lasts without taking the CPU from the others
+PACED = [
+    "task._target_=tests.user_project.lit.PacedClassifier",
+    "datamodule._target_=tests.user_project.lit.DigitsDataModule",
+    "fed.clients_per_round=2",  # ~0.6 s a round
+]
+PACED_ENV = {**os.environ, "FEDBAT_TEST_PACE": "0.1"}
 
 
 def wait_for(path: Path, proc: subprocess.Popen, limit: float = 60) -> None:
@@ -110,9 +118,11 @@ def wait_for(path: Path, proc: subprocess.Popen, limit: float = 60) -> None:
 
 def test_second_run_in_the_same_dir_fails_at_once_naming_the_holder(tmp_path):
     run_dir = tmp_path / "run"
-    long = [*SLOW[:2], "fed.rounds=500"]  # busy for minutes: the second run comes in its middle
-    first = subprocess.Popen(cli(run_dir, *long), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for(run_dir / ".lock", first)
+    long = [*PACED, "fed.rounds=500"]  # minutes of sleeping steps: the second comes in between
+    first = subprocess.Popen(
+        cli(run_dir, *long), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=PACED_ENV
+    )
+    wait_for(run_dir / "checkpoint.pt", first)  # a round logged: the holder is mid-run
     second = subprocess.run(cli(run_dir, *long), capture_output=True, text=True, timeout=60)
     assert first.poll() is None  # the holder was still running throughout
     first.send_signal(signal.SIGTERM)
@@ -154,7 +164,9 @@ def test_run_dir_gone_mid_run_is_one_line(tmp_path):
     """The run dir replaced by a file while the run goes on: the next write fails, in one
     line, exit 2."""
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(cli(run_dir, *SLOW), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cli(run_dir, *PACED), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=PACED_ENV
+    )
     wait_for(run_dir / "checkpoint.pt", proc)
     shutil.rmtree(run_dir)
     run_dir.write_text("not a directory any more")
