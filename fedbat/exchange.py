@@ -44,7 +44,7 @@ def deserialise(blob: bytes) -> list[ClientResult]:
     tensors = st_load(blob)
     out = []
     for client, payload, n, loss, secs, failure, logs in json.loads(read_metadata(blob)["facts"]):
-        residuals, state = (_under(tensors, f"{client}/{part}/") for part in ("residual", "state"))
+        residuals, state = (under(tensors, f"{client}/{part}/") for part in ("residual", "state"))
         data = tensors[f"{client}/packet"].numpy().tobytes()
         out.append(
             ClientResult(client, data, payload, n, loss, secs, residuals, failure, logs, state)
@@ -52,7 +52,8 @@ def deserialise(blob: bytes) -> list[ClientResult]:
     return out
 
 
-def _under(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+def under(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose key starts with ``prefix``, keyed by the rest."""
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 

@@ -294,8 +294,7 @@ class Federation:
         )
 
     def client_state(self, client: int) -> dict[str, torch.Tensor]:
-        prefix = f"{client}/"
-        return {k[len(prefix) :]: v for k, v in self.client_states.items() if k.startswith(prefix)}
+        return exchange.under(self.client_states, f"{client}/")
 
     def evaluate(self) -> dict[str, float]:
         self.task.load_state_dict(self.server.global_state())
@@ -414,13 +413,14 @@ def _train(
                 metrics |= fed.evaluate()
             fed.history.append(metrics)
             stopping = not last and stop.agreed(fabric)
+            save = (r + 1) % cfg.checkpoint.every == 0 or last or stopping
             if is_zero:  # checkpoint first: a round that was logged is never lost
                 with _writing(run_dir):
-                    if (r + 1) % cfg.checkpoint.every == 0 or last or stopping:
+                    if save:
                         checkpoint.save(run_dir, fed.state_dict(r + 1, wandb_id))
                     for lg in loggers:
                         lg.log_metrics(metrics, step=r + 1)
-            if (r + 1) % cfg.checkpoint.every == 0 or last or stopping:
+            if save:
                 saved = r + 1
             progress.update(metrics)
             if stopping:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from fedbat.seeding import generator
 
 NETWORK = -2  # the "who" part of the seeds of the client links
@@ -34,8 +36,6 @@ class Network:
         up, down = self.uplink_mbps * 1e6, self.downlink_mbps * 1e6
         if self.spread == 0:
             return up, down
-        import torch
-
         z = torch.randn(2, generator=generator(self.seed, NETWORK, client), dtype=torch.float64)
         return up * math.exp(self.spread * float(z[0])), down * math.exp(self.spread * float(z[1]))
 

@@ -11,6 +11,7 @@ import math
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ class Config:
     config: dict[str, Any]
     label: str = ""
 
-    @property
+    @cached_property
     def metrics(self) -> list[list[dict[str, float]]]:
         return [read_metrics(r) for r in self.runs]
 

@@ -69,6 +69,13 @@ def unavailable() -> str | None:
     return None
 
 
+def job_env(**extra: str) -> dict[str, str]:
+    """This environment without SLURM's job variables (the suite may itself run in a job),
+    with the repository importable (``tests.user_project``) and ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    return env | {"PYTHONPATH": str(REPO), **extra}
+
+
 def sbatch(
     script: Path, args: list[str], run_dir: Path, options: list[str] = (), pace: str = "0"
 ) -> str:
@@ -76,8 +83,7 @@ def sbatch(
     if _stopping.is_set():
         raise RuntimeError("the session is over")
     run_dir.parent.mkdir(parents=True, exist_ok=True)  # the job's output goes there
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env |= {"RUN_DIR": str(run_dir), "PYTHONPATH": str(REPO), "FEDBAT_TEST_PACE": pace}
+    env = job_env(RUN_DIR=str(run_dir), FEDBAT_TEST_PACE=pace)
     out = subprocess.run(
         [
             "sbatch",
@@ -179,8 +185,7 @@ def sweep(base: Path) -> dict[str, Any]:
     cmd += ["hydra/launcher=submitit_slurm", "hydra.launcher.timeout_min=10"]
     cmd += ["compressor=none,fedbat", "seed=0,1", "fed.rounds=2", "logger=wandb"]
     cmd += [f"hydra.sweep.dir={sweep_dir}", "progress=false"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env |= {"PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_DIR": str(base)}
+    env = job_env(WANDB_MODE="offline", WANDB_DIR=str(base))
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=base)
     return {"proc": done, "sweep_dir": sweep_dir}
 
@@ -225,8 +230,7 @@ def two_nodes(base: Path) -> dict[str, Any]:
             n2_port=port + 3,
         )
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env |= {"SLURM_CONF": str(conf), "PYTHONPATH": str(REPO)}
+    env = job_env(SLURM_CONF=str(conf))
     try:
         subprocess.run(["slurmctld", "-f", str(conf)], env=env, check=True, timeout=30)
         for node in ("n1", "n2"):
