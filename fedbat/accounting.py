@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from fedbat.client import ClientResult
-from fedbat.compressors import Packet, TensorSpec
+from fedbat.compressors import TensorSpec
+from fedbat.downlink import Delivery
 
 
 def fp32_bits(plan: list[TensorSpec]) -> int:
@@ -23,14 +24,15 @@ class BitCounter:
     downlink_payload: int = 0
 
     def add_round(
-        self, results: list[ClientResult], broadcast: Packet, receivers: int, plan: list[TensorSpec]
+        self, results: list[ClientResult], sent_down: list[Delivery], plan: list[TensorSpec]
     ) -> dict[str, float]:
-        """Count one round: uplink = every sampled client's packet; downlink = the broadcast
-        packet times the number of clients receiving it."""
+        """Count one round: uplink = every accepted-for-decoding client packet; downlink =
+        what each sampled client was sent to catch up (fedbat/downlink.py)."""
         sent = [r for r in results if r.ok]
         up = sum(8 * len(r.data) for r in sent)
         up_payload = sum(r.payload_bits for r in sent)
-        down, down_payload = broadcast.bits * receivers, broadcast.payload_bits * receivers
+        down = sum(d.bits for d in sent_down)
+        down_payload = sum(d.payload_bits for d in sent_down)
         self.uplink += up
         self.downlink += down
         self.uplink_payload += up_payload
@@ -46,7 +48,7 @@ class BitCounter:
             "bits/downlink_cum": self.downlink,
             "bits/total_cum": self.uplink + self.downlink,
             "compression/uplink_ratio": raw * len(sent) / up if up else 0.0,
-            "compression/downlink_ratio": raw / broadcast.bits,
+            "compression/downlink_ratio": raw * len(sent_down) / down if down else 0.0,
             "compression/uplink_payload_ratio": raw * len(sent) / up_payload if up else 0.0,
         }
 

@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import lightning as L
 import torch
@@ -25,13 +25,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedbat import checkpoint, exchange, rundir, slurm
 from fedbat.accounting import BitCounter
-from fedbat.client import ClientData, LocalTraining, train_client
-from fedbat.compressors import ErrorFeedback, build_pair, wire_plan
+from fedbat.client import ClientData, ClientResult, LocalTraining, train_client
+from fedbat.compressors import ErrorFeedback, TensorSpec, build_pair, wire_plan
 from fedbat.compressors.packet import module_types
 from fedbat.config import check_resumable, validate
 from fedbat.contract import ServerSchedule, evaluate
 from fedbat.datamodules import FederatedDataModule
 from fedbat.datamodules.dataset import from_datamodule
+from fedbat.downlink import Delivery, Downlink, encode_full
 from fedbat.errors import CheckpointError, ConfigError, RunDirError
 from fedbat.loggers import build_loggers, close_loggers, is_wandb, log_artifacts
 from fedbat.models import build as build_model
@@ -95,6 +96,12 @@ def build_task(cfg: DictConfig, dm: ClientData) -> L.LightningModule:
         check_fits(model, cfg.model.name, dm.input_shape)
     f = cfg.fed
     return ClassificationTask(model, dm.num_classes, f.lr, f.momentum, f.weight_decay)
+
+
+def build_plan(cfg: DictConfig, task: torch.nn.Module) -> list[TensorSpec]:
+    """The wire plan of ``policy``: which of the task's tensors are compressed."""
+    p = cfg.policy
+    return wire_plan(task, p.min_numel, module_types(p.modules), list(p.include), list(p.exclude))
 
 
 def build_datamodule(cfg: DictConfig) -> ClientData:
@@ -191,8 +198,10 @@ class Federation:
         fabric: Fabric,
         task: L.LightningModule | None = None,
         data: ClientData | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self.cfg, self.fabric, f = cfg, fabric, cfg.fed
+        self.transport = transport if transport is not None else InJob()
         self.dm = data if data is not None else build_datamodule(cfg)
         if self.dm.num_clients < f.clients_per_round:
             raise ConfigError(
@@ -203,10 +212,7 @@ class Federation:
         if fabric.world_size > 1:  # a module built by the user's script: rank 0's weights
             self.task.load_state_dict(fabric.broadcast(self.task.state_dict(), src=0))
         self.task = self.task.to(fabric.device)
-        p = cfg.policy
-        self.plan = wire_plan(
-            self.task, p.min_numel, module_types(p.modules), list(p.include), list(p.exclude)
-        )
+        self.plan = build_plan(cfg, self.task)
         self.uplink, downlink = build_pair(OmegaConf.to_container(cfg.compressor, resolve=True))
         self.server = Server(
             self.task,
@@ -219,6 +225,8 @@ class Federation:
             f.batch_size if f.weight_by == "batches" else None,
             self.dm.num_clients,
         )
+        held = self.server.held | self.server.held_extra
+        self.downlink = Downlink(self.dm.num_clients, encode_full(held, self.server.packet_plan))
         lossy_ef = self.uplink.error_feedback and not self.uplink.lossless
         self.up_memory = ErrorFeedback() if lossy_ef else None
         self.client_states: dict[str, torch.Tensor] = {}  # the strategy's, "client/name"
@@ -235,29 +243,12 @@ class Federation:
         self.schedule = ServerSchedule(copy.deepcopy(self.task))  # checks the contract too
 
     def play_round(self, r: int) -> dict[str, float]:
-        """Sample, train this rank's clients, exchange, aggregate, broadcast, count."""
-        cfg, fabric, t0 = self.cfg, self.fabric, time.perf_counter()
+        """Sample, send each client what it missed, train, aggregate, broadcast, count."""
+        cfg, t0 = self.cfg, time.perf_counter()
         clients = sample_clients(cfg.seed, r, self.dm.num_clients, cfg.fed.clients_per_round)
-        results = [
-            train_client(
-                self.task,
-                self.server.held,
-                self.dm,
-                c,
-                r,
-                self.local,
-                self.plan,
-                self.uplink,
-                self.up_memory,
-                self.schedule,
-                self.server.strategy,
-                self.server.held_extra,
-                self.client_state(c),
-            )
-            for c in clients[fabric.global_rank :: fabric.world_size]
-        ]
+        sent_down = self.downlink.deliver(clients, r)
+        results = self.transport.train(self, sent_down, r)
         t_trained = time.perf_counter()
-        results = exchange.gather(fabric, results)
         if self.up_memory is not None:
             for res in results:
                 self.up_memory.residuals.update(res.residuals)  # keys: "client/tensor"
@@ -268,29 +259,50 @@ class Federation:
         self.schedule.end_round(max(self.local.steps(self.dm.client_size(c)) for c in clients))
         t_down = time.perf_counter()
         broadcast = self.server.broadcast(r)
+        self.downlink.record(r, broadcast)
         compress_s = sum(res.compress_s for res in results) + time.perf_counter() - t_down
         for client, why in agg.rejected.items():
-            fabric.print(f"round {r + 1}: rejected client {client}: {why}")
+            self.fabric.print(f"round {r + 1}: rejected client {client}: {why}")
         metrics: dict[str, float] = {"round": r + 1, "train/loss": agg.train_loss}
-        metrics |= self.bits.add_round(results, broadcast, cfg.fed.clients_per_round, self.plan)
+        metrics |= self.bits.add_round(results, sent_down, self.plan)
         if self.network is not None:
             up = {res.client: 8 * len(res.data) for res in results}
-            comm = self.network.round_seconds(up, broadcast.bits)
+            down = {d.client: d.bits for d in sent_down}
+            comm = self.network.round_seconds(up, down)
             self.comm_s += comm
             metrics |= {"sim/comm_s": comm, "sim/comm_cum_s": self.comm_s}
         return (
             metrics
             | {
                 "time/round_s": time.perf_counter() - t0,
-                "time/train_s": t_trained - t0,  # this rank's clients
-                "time/server_s": time.perf_counter() - t_trained,  # exchange to broadcast
+                "time/train_s": t_trained - t0,  # the clients, and the exchange of results
+                "time/server_s": time.perf_counter() - t_trained,  # aggregate to broadcast
                 "time/compress_s": compress_s,
                 "clients/accepted": len(agg.accepted),
                 "clients/rejected": len(agg.rejected),
             }
             | {f"fedbat/{k}": v for k, v in agg.stats.items()}
             | agg.logs
+            | self.transport.round_metrics()
             | ({"train/lr": lr} if lr is not None else {})
+        )
+
+    def train_client(self, client: int, r: int) -> ClientResult:
+        """Train ``client`` in this process from the weights it holds (``w_hat``)."""
+        return train_client(
+            self.task,
+            self.server.held,
+            self.dm,
+            client,
+            r,
+            self.local,
+            self.plan,
+            self.uplink,
+            self.up_memory,
+            self.schedule,
+            self.server.strategy,
+            self.server.held_extra,
+            self.client_state(client),
         )
 
     def client_state(self, client: int) -> dict[str, torch.Tensor]:
@@ -306,6 +318,7 @@ class Federation:
             "server": self.server.state_dict(),
             "uplink_memory": self.up_memory.state_dict() if self.up_memory is not None else {},
             "client_states": self.client_states,
+            "downlink": self.downlink.state_dict(),
             "bits": self.bits.state_dict(),
             "schedule": self.schedule.state_dict(),
             "history": self.history,
@@ -318,14 +331,52 @@ class Federation:
         if self.up_memory is not None:
             self.up_memory = ErrorFeedback(state["uplink_memory"])
         self.client_states = dict(state.get("client_states", {}))
+        if "downlink" in state:  # older checkpoints: every client is sent the full model
+            self.downlink.load_state_dict(state["downlink"])
+        if not self.transport.clients_persist:
+            self.downlink.version.fill_(-1)
         self.bits = BitCounter(**state["bits"])
         self.schedule.load_state_dict(state.get("schedule", {}))
         self.history = state["history"]
         self.comm_s = self.history[-1].get("sim/comm_cum_s", 0.0) if self.history else 0.0
 
 
+class Transport(Protocol):
+    """How a round's sampled clients are trained and their results reach the server: in
+    this job (:class:`InJob`) or over a network (``fedbat.integrations.flower``). The same
+    packets travel either way."""
+
+    clients_persist: bool  # whether clients keep what they hold across a resume
+
+    def train(self, fed: Federation, sent_down: list[Delivery], r: int) -> list[ClientResult]:
+        """The results of the clients of ``sent_down``, sorted by client id, on every rank."""
+        ...
+
+    def round_metrics(self) -> dict[str, float]:
+        """What the transport measured in the last round (e.g. bytes on its wire)."""
+        ...
+
+
+class InJob:
+    """Rank r trains its share of the clients from ``w_hat`` (what each holds after its
+    delivery); the results are all-gathered."""
+
+    clients_persist = True
+
+    def train(self, fed: Federation, sent_down: list[Delivery], r: int) -> list[ClientResult]:
+        fabric = fed.fabric
+        mine = sent_down[fabric.global_rank :: fabric.world_size]
+        return exchange.gather(fabric, [fed.train_client(d.client, r) for d in mine])
+
+    def round_metrics(self) -> dict[str, float]:
+        return {}
+
+
 def run(
-    cfg: DictConfig, task: L.LightningModule | None = None, data: ClientData | None = None
+    cfg: DictConfig,
+    task: L.LightningModule | None = None,
+    data: ClientData | None = None,
+    transport: Transport | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` to ``fed.rounds`` rounds (resuming from ``run_dir`` when it holds a
     checkpoint of the same run); returns the run summary.
@@ -347,7 +398,7 @@ def run(
             rundir.remove_stale(run_dir)
         fabric.launch()
         torch.set_num_threads(threads_per_process(cfg, fabric))
-        summary = _train(cfg, fabric, run_dir, task, data, slurm.STOP)
+        summary = _train(cfg, fabric, run_dir, task, data, transport, slurm.STOP)
         _leave_process_group(fabric)
         return summary
     except Interrupted as stopped:
@@ -380,11 +431,12 @@ def _train(
     run_dir: Path,
     task: L.LightningModule | None,
     data: ClientData | None,
+    transport: Transport | None,
     stop: slurm.StopRequest,
 ) -> dict[str, Any]:
     f = cfg.fed
     resume_state = _resume_state(cfg, run_dir)
-    fed = Federation(cfg, fabric, task, data)
+    fed = Federation(cfg, fabric, task, data, transport)
     start, wandb_id, saved = 0, None, None
     if resume_state is not None:
         try:

@@ -44,6 +44,7 @@ class Network:
         up, down = self.bandwidths(client)
         return 2 * self.latency_ms / 1e3 + down_bits / down + up_bits / up
 
-    def round_seconds(self, up_bits: dict[int, int], down_bits: int) -> float:
-        """The round's communication time: its slowest sampled client's."""
-        return max(self.client_seconds(c, bits, down_bits) for c, bits in up_bits.items())
+    def round_seconds(self, up_bits: dict[int, int], down_bits: dict[int, int]) -> float:
+        """The round's communication time: its slowest sampled client's (a client that sent
+        nothing back still had to receive)."""
+        return max(self.client_seconds(c, up_bits.get(c, 0), b) for c, b in down_bits.items())

@@ -7,6 +7,7 @@ import torch
 import fedbat.compressors as C
 from fedbat import checkpoint
 from fedbat.loop import build_datamodule, build_task, run
+from fedbat.seeding import sample_clients
 from tests.conftest import make_cfg
 
 VOLATILE = ("time/",)
@@ -70,11 +71,20 @@ def test_every_compressor_trains_digits_and_bits_are_packet_bytes(tmp_path, name
     update = {k: torch.randn(v.shape).to(v.dtype) for k, v in task.state_dict().items()}
     size = C.encode_update(update, plan, comp, torch.Generator().manual_seed(0)).bits
     fp32 = C.encode_update(update, plan, C.build("none"), torch.Generator()).bits
-    r = rows(tmp_path)[-1]
     up, down = (size, fp32) if direction == "uplink" else (fp32, size)
-    assert int(float(r["bits/uplink"])) == 10 * up
-    assert int(float(r["bits/downlink"])) == 10 * down
-    assert int(float(r["bits/uplink_cum"])) == 4 * 10 * up
+    # each sampled client is sent the broadcasts it missed, or the full model when no smaller
+    held: dict[int, int] = {}
+    for r, row in enumerate(rows(tmp_path)):
+        sent = 0
+        for c in sample_clients(cfg.seed, r, cfg.data.num_clients, cfg.fed.clients_per_round):
+            missed = r - held[c] if c in held else None
+            sent += fp32 if missed is None or missed * down >= fp32 else missed * down
+            held[c] = r
+        assert int(float(row["bits/downlink"])) == sent, r
+        assert int(float(row["bits/uplink"])) == 10 * up
+    assert int(float(row["bits/uplink_cum"])) == 4 * 10 * up
+    if direction == "uplink":  # fp32 down: the full model to every sampled client
+        assert int(float(row["bits/downlink_cum"])) == 4 * 10 * fp32
 
 
 def test_bf16_mixed_precision_trains_and_packets_stay_fp32(tmp_path):
