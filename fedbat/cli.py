@@ -12,12 +12,15 @@ from pathlib import Path
 from fedbat import slurm
 from fedbat.errors import ConfigError, RunDirError
 
-USAGE = """usage: fedbat {train,list,plot} ...
+USAGE = """usage: fedbat {train,flower,list,plot,compare} ...
 
   fedbat train [hydra overrides...]   run a federated job (configs/train.yaml), e.g.
         fedbat train data=fmnist model=cnn4 compressor=fedbat compressor.downlink=none
         fedbat train --cfg job          print the resolved config
         fedbat train --multirun compressor=none,fedbat,topk
+  fedbat flower --supernodes N [overrides...]
+                                      the same job on a local Flower deployment
+                                      (SuperLink + N SuperNodes on 127.0.0.1)
   fedbat list                         registered compressors, datasets, models, partitions
   fedbat plot RUN_DIR... [-o OUT] [--x round,uplink,downlink,total,comm]
                                       [--format png,pdf,svg]
@@ -250,6 +253,14 @@ def compare(args: list[str]) -> int:
     return 0
 
 
+def flower(args: list[str]) -> int:
+    try:
+        from fedbat.integrations.flower import deploy
+    except ImportError:  # pragma: no cover  (the extra is part of dev)
+        return fail('flower: Flower is not installed; pip install "fedbat[flower]"')
+    return deploy.main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     slurm.listen()
     argv = sys.argv[1:] if argv is None else argv
@@ -265,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         return shell_completion(argv)
     commands = {
         "train": train,
+        "flower": flower,
         "list": lambda _: list_registered(),
         "plot": plot,
         "compare": compare,

@@ -1,0 +1,1 @@
+"""Integrations that carry fedbat beyond one job: ``flower`` (a real Flower deployment)."""

@@ -1,0 +1,139 @@
+"""A Flower ClientApp whose train function is fedbat's local training.
+
+The SuperNode's ``partition-id`` (node config) is the fedbat client it serves. Each train
+message brings the round, the client, and the downlink it needs (the broadcasts it missed,
+or the full model); the client rebuilds the weights it holds from its Flower context,
+trains with the uplink compressor's hook (FedBAT's learned binarization included), and
+replies with the fedbat packet. What it keeps between rounds (the weights it holds, its
+error-feedback residuals, the strategy's per-client state) stays in the node's context
+state, as on a real device.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from omegaconf import DictConfig, OmegaConf
+
+from fedbat.client import ClientData, LocalTraining, train_client
+from fedbat.compressors import Compressor, ErrorFeedback, TensorSpec, build_pair, decode_update
+from fedbat.contract import ServerSchedule
+from fedbat.downlink import FULL
+from fedbat.integrations.flower.protocol import (
+    RECORD,
+    STATE,
+    pack_state,
+    result_record,
+    unpack_state,
+)
+from fedbat.loop import build_datamodule, build_plan, build_task
+from fedbat.strategies import Strategy
+from fedbat.strategies import build as build_strategy
+
+app = ClientApp()
+PARTS = ("held", "residual", "state")
+
+
+@dataclass
+class ClientSide:
+    """Everything a client builds once from the run's config."""
+
+    cfg: DictConfig
+    data: ClientData
+    task: L.LightningModule
+    plan: list[TensorSpec]
+    packet_plan: list[TensorSpec]
+    uplink: Compressor
+    downlink: Compressor
+    strategy: Strategy
+    local: LocalTraining
+
+
+@functools.lru_cache(maxsize=1)  # a warm ClientApp process serves many rounds
+def client_side(config_yaml: str) -> ClientSide:
+    cfg = OmegaConf.create(config_yaml)
+    if cfg.trainer.get("threads"):
+        torch.set_num_threads(int(cfg.trainer.threads))
+    t = cfg.trainer
+    fabric = L.Fabric(accelerator=t.accelerator, devices=1, precision=t.precision)
+    data = build_datamodule(cfg)
+    task = build_task(cfg, data).to(fabric.device)
+    plan = build_plan(cfg, task)
+    uplink, downlink = build_pair(OmegaConf.to_container(cfg.compressor, resolve=True))
+    strategy = build_strategy(OmegaConf.to_container(cfg.strategy, resolve=True))
+    strategy.setup(dict(copy.deepcopy(task).cpu().named_parameters()), data.num_clients)
+    f = cfg.fed
+    local = LocalTraining(f.local_epochs, f.batch_size, cfg.seed, fabric.device, fabric)
+    return ClientSide(
+        cfg, data, task, plan, plan + strategy.extra_plan(plan), uplink, downlink, strategy, local
+    )
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Which fedbat client this node serves."""
+    partition = int(context.node_config["partition-id"])
+    return Message(RecordDict({RECORD: ConfigRecord({"partition-id": partition})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    side = client_side(str(context.run_config["config"]))
+    request = msg.content.config_records[RECORD]
+    client, r = int(request["client"]), int(request["round"])
+    partition = int(context.node_config["partition-id"])
+    if client != partition:
+        raise ValueError(f"asked to train client {client}; this node serves {partition}")
+    kept = context.state.config_records.get(STATE)
+    stored = unpack_state(bytes(kept["blob"]) if kept else b"", PARTS)
+    version = int(kept["version"]) if kept else -1
+    held = receive(side, request, stored["held"], version)
+    names = {s.name for s in side.plan}
+    schedule = ServerSchedule(copy.deepcopy(side.task))
+    if request.get("schedule"):
+        schedule.load_state_dict(json.loads(str(request["schedule"])))
+    memory = ErrorFeedback(stored["residual"]) if side.uplink.error_feedback else None
+    result = train_client(
+        side.task,
+        {k: v for k, v in held.items() if k in names},
+        side.data,
+        client,
+        r,
+        side.local,
+        side.plan,
+        side.uplink,
+        memory,
+        schedule,
+        side.strategy,
+        {k: v for k, v in held.items() if k not in names},
+        stored["state"],
+    )
+    if result.ok:  # the client keeps the weights it was sent, and its new state
+        parts = {"held": held, "residual": result.residuals, "state": result.state}
+        context.state[STATE] = ConfigRecord({"blob": pack_state(parts), "version": r})
+    return Message(RecordDict({RECORD: ConfigRecord(result_record(result))}), reply_to=msg)
+
+
+def receive(
+    side: ClientSide, request: ConfigRecord, held: dict[str, torch.Tensor], version: int
+) -> dict[str, torch.Tensor]:
+    """The weights the server holds for this round (``w_hat`` and the strategy's broadcast
+    state), from the full model or from the broadcasts this client missed, applied in order
+    exactly as the server applied them."""
+    if "full" in request:
+        full, _ = decode_update(bytes(request["full"]), side.packet_plan, FULL)
+        return full
+    start = int(request["version"])
+    if version != start or not held:
+        raise ValueError(f"holds the model of round {version}; the broadcasts start at {start}")
+    for packet in request["chain"]:
+        decoded, _ = decode_update(bytes(packet), side.packet_plan, side.downlink)
+        held = {k: held[k] + decoded[k].to(held[k].dtype) for k in held}
+    return held

@@ -1,0 +1,77 @@
+"""The fedbat messages on Flower: what the server sends a client, what the client replies,
+and what the client keeps between rounds. Every value is a plain Flower ConfigRecord value
+(ints, floats, strings, bytes); the model travels only as fedbat packets.
+
+>>> from fedbat.client import ClientResult
+>>> res = ClientResult(3, b"packet", 48, 10, 0.5, 0.01, {}, logs={"acc": 0.5})
+>>> back = result_from_record(result_record(res), 3)
+>>> (back.client, back.data, back.payload_bits, back.num_samples, back.logs)
+(3, b'packet', 48, 10, {'acc': 0.5})
+>>> result_from_record({"client": 4}, 3).failure
+'reply for client 4, expected 3'
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from fedbat.client import ClientResult
+from fedbat.exchange import under
+
+RECORD = "fedbat"  # the ConfigRecord of every fedbat message, request or reply
+STATE = "fedbat-state"  # the ConfigRecord a client keeps in its Flower context
+
+
+def result_record(res: ClientResult) -> dict[str, Any]:
+    """A client's reply: its packet and the facts the server weighs."""
+    return {
+        "client": res.client,
+        "packet": res.data,
+        "payload_bits": res.payload_bits,
+        "num_samples": res.num_samples,
+        "train_loss": res.train_loss,
+        "compress_s": res.compress_s,
+        "failure": res.failure,
+        "logs": json.dumps(res.logs),
+    }
+
+
+def result_from_record(record: Mapping[str, Any], client: int) -> ClientResult:
+    """Trust nothing from the wire: a reply of the wrong shape is a failed client, with why."""
+
+    def failed(why: str) -> ClientResult:
+        return ClientResult(client, b"", 0, 0, math.nan, 0.0, {}, why)
+
+    if record.get("client") != client:
+        return failed(f"reply for client {record.get('client')!r}, expected {client}")
+    if record.get("failure"):
+        return failed(str(record["failure"])[:300])
+    try:
+        packet, logs = record["packet"], json.loads(record["logs"])
+        facts = [int(record[k]) for k in ("payload_bits", "num_samples")]
+        loss, secs = float(record["train_loss"]), float(record["compress_s"])
+    except (KeyError, TypeError, ValueError) as err:
+        return failed(f"malformed reply ({type(err).__name__}: {err})")
+    ok_logs = isinstance(logs, dict) and all(isinstance(v, int | float) for v in logs.values())
+    if not isinstance(packet, bytes) or not ok_logs or not math.isfinite(loss):
+        return failed("malformed reply (packet, logs or train_loss)")
+    return ClientResult(client, packet, facts[0], facts[1], loss, secs, {}, logs={**logs})
+
+
+def pack_state(parts: Mapping[str, Mapping[str, torch.Tensor]]) -> bytes:
+    """What a client keeps between rounds (the weights it holds, its error-feedback
+    residuals, the strategy's state) as one safetensors blob, by part."""
+    flat = {f"{p}/{k}": v.contiguous() for p, ts in parts.items() for k, v in ts.items()}
+    return st_save(flat)
+
+
+def unpack_state(blob: bytes, parts: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
+    flat = st_load(blob) if blob else {}
+    return {p: under(flat, f"{p}/") for p in parts}

@@ -1,0 +1,142 @@
+"""A Flower ServerApp that runs fedbat's loop with Flower messages as the transport.
+
+Sampling, the downlink each client needs, packet validation, the strategy, checkpoints and
+loggers are fedbat's own (``fedbat.loop.run``); only the way a round's clients are reached
+differs: one train message per sampled client to the SuperNode that serves it, carrying the
+downlink packets, and the fedbat packet back. A client that does not reply within
+``round-timeout`` seconds (killed, disconnected) or replies with an error is rejected alone
+and counted; the round completes with the others. Its state is then unknown, so it is sent
+the full model next time.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from omegaconf import OmegaConf
+
+from fedbat.client import ClientResult
+from fedbat.downlink import Delivery, encode_full
+from fedbat.errors import ConfigError
+from fedbat.integrations.flower.protocol import RECORD, result_from_record
+from fedbat.loop import Federation, run
+
+app = ServerApp()
+
+
+def message_bytes(message: Message) -> int:
+    """The bytes Flower moves for ``message``: every object of its tree (the message, its
+    records, their contents) as Flower serialises them for the wire."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+
+
+class FlowerTransport:
+    """Reach the round's clients through a Flower Grid (SuperLink)."""
+
+    def __init__(self, grid: Grid, round_timeout: float, wait_nodes: float = 120.0) -> None:
+        self.grid, self.round_timeout, self.wait_nodes = grid, round_timeout, wait_nodes
+        self.nodes: dict[int, int] = {}  # fedbat client -> Flower node id
+        self.asked: set[int] = set()  # nodes asked which client they serve
+        self.sent = {"flower/uplink_bytes": 0, "flower/downlink_bytes": 0}
+
+    clients_persist = False  # a client's Flower context lasts one run: a resumed run starts bare
+
+    def train(self, fed: Federation, sent_down: list[Delivery], r: int) -> list[ClientResult]:
+        online = self._discover(fed.dm.num_clients)
+        messages, results = {}, {}
+        for d in sent_down:
+            if self.nodes.get(d.client) not in online:
+                results[d.client] = _failed(d.client, "no SuperNode online serves this client")
+                continue
+            messages[d.client] = Message(
+                RecordDict({RECORD: ConfigRecord(self._request(fed, d, r))}),
+                dst_node_id=self.nodes[d.client],
+                message_type=MessageType.TRAIN,
+            )
+        self.sent = {"flower/uplink_bytes": 0, "flower/downlink_bytes": 0}
+        self.sent["flower/downlink_bytes"] = sum(map(message_bytes, messages.values()))
+        by_node = {node: c for c, node in self.nodes.items()}
+        replies = self.grid.send_and_receive(messages.values(), timeout=self.round_timeout)
+        for reply in replies:
+            client = by_node.get(reply.metadata.src_node_id)
+            if client not in messages:
+                continue
+            if reply.has_error():
+                results[client] = _failed(client, f"client error: {reply.error.reason[:300]}")
+                continue
+            res = result_from_record(reply.content.config_records[RECORD], client)
+            size = fed.dm.client_size(client)
+            if res.ok and res.num_samples != size:  # its weight in the mean: not its to set
+                res = _failed(client, f"claims {res.num_samples} samples; its partition has {size}")
+            if res.ok:
+                self.sent["flower/uplink_bytes"] += message_bytes(reply)
+            results[client] = res
+        for client in messages:
+            if client not in results:
+                results[client] = _failed(client, f"no reply within {self.round_timeout:g} s")
+        for client, res in results.items():
+            if not res.ok:  # what it holds is unknown now: the full model next time
+                fed.downlink.version[client] = -1
+        return [results[c] for c in sorted(results)]
+
+    def round_metrics(self) -> dict[str, float]:
+        return dict(self.sent)
+
+    def _request(self, fed: Federation, d: Delivery, r: int) -> dict:
+        content: dict = {"client": d.client, "round": r}
+        if d.full:
+            plan = fed.server.packet_plan
+            content["full"] = encode_full(fed.server.held | fed.server.held_extra, plan).data
+        else:
+            content["version"] = d.rounds[0]
+            content["chain"] = [fed.downlink.recent[j].data for j in d.rounds]
+        if fed.schedule.active:
+            try:
+                content["schedule"] = json.dumps(fed.schedule.state_dict())
+            except TypeError as err:
+                raise ConfigError(
+                    f"the LR scheduler's state cannot travel to clients: {err}"
+                ) from None
+        return content
+
+    def _discover(self, num_clients: int) -> set[int]:
+        """The SuperNodes online; each new one is asked once which client it serves (its
+        ``partition-id``). Waits up to ``wait_nodes`` seconds for the first to connect."""
+        deadline = time.monotonic() + self.wait_nodes
+        while True:
+            online = set(self.grid.get_node_ids())
+            if new := online - self.asked:
+                self.asked |= new
+                queries = [
+                    Message(RecordDict({}), dst_node_id=n, message_type=MessageType.QUERY)
+                    for n in new
+                ]
+                for reply in self.grid.send_and_receive(queries, timeout=60):
+                    if reply.has_error() or RECORD not in reply.content.config_records:
+                        continue
+                    pid = reply.content.config_records[RECORD].get("partition-id")
+                    if isinstance(pid, int) and 0 <= pid < num_clients:
+                        self.nodes[pid] = reply.metadata.src_node_id
+            if self.nodes or time.monotonic() > deadline:
+                return online
+            time.sleep(0.5)
+
+
+def _failed(client: int, why: str) -> ClientResult:
+    return ClientResult(client, b"", 0, 0, float("nan"), 0.0, {}, why)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = OmegaConf.create(str(context.run_config["config"]))
+    timeout = float(context.run_config.get("round-timeout", 600))
+    try:
+        run(cfg, transport=FlowerTransport(grid, timeout))
+    except ConfigError as err:
+        print(f"fedbat: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

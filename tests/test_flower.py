@@ -1,0 +1,44 @@
+"""A Flower client on a device: fedbat's compressors without the app's dependencies. The
+deployment itself is tested in test_flower_deployment.py."""
+
+import subprocess
+import sys
+import textwrap
+
+DEVICE_CLIENT = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class Refuse(importlib.abc.MetaPathFinder):  # a device without the app's packages
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {BLOCKED}:
+                raise ModuleNotFoundError(f"No module named {{name!r}} (blocked)")
+
+    sys.meta_path.insert(0, Refuse())
+    import torch
+    from torch import nn
+    import fedbat.compressors as C
+
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 4))
+    plan = C.wire_plan(model, min_numel=100)
+    comp = C.build("fedbat")
+    hook = comp.training_hook(model, [s.name for s in plan if s.compressed], total_steps=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(4):
+        loss = model(torch.randn(8, 20)).square().mean()
+        opt.zero_grad(); loss.backward(); opt.step(); hook.after_step(step)
+    update = {{k: torch.zeros_like(v) for k, v in model.state_dict().items()}}
+    packet = C.encode_update(update, plan, comp, torch.Generator(), preencoded=hook.finalize())
+    decoded, _ = C.decode_update(packet.data, plan, comp)
+    print(sorted(decoded), packet.bits, sorted(m for m in {BLOCKED} if m in sys.modules))
+    """
+)
+
+
+def test_compressors_import_without_lightning_hydra_wandb_matplotlib():
+    blocked = {"lightning", "hydra", "omegaconf", "wandb", "matplotlib", "torchmetrics", "flwr"}
+    code = DEVICE_CLIENT.format(BLOCKED=sorted(blocked))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("[]"), out.stdout
+    assert "['0.bias', '0.weight', '2.bias', '2.weight']" in out.stdout
