@@ -1,21 +1,30 @@
 """The wire format: a model update as real bytes (safetensors container, never pickle).
 
-Layout (version 1)
+Layout (version 2)
 ------------------
-A safetensors file whose tensors are named ``"<tensor name>/<field>"``:
+A safetensors file with one flat tensor per (field, dtype) group, named ``"<field>.<dtype>"``:
+compressed tensors contribute their compressor's fields (FedBAT: ``signs.U8``, the packed
+sign bits of every layer one after another, and ``scale.F32``, one step size per layer);
+every other tensor (BatchNorm affine and running statistics, biases, small tensors) joins
+``raw.<dtype>`` in its own dtype (fp32, or int64 for counters).
 
-* compressed tensors carry their compressor's fields (e.g. ``conv.weight/signs`` uint8,
-  ``conv.weight/scale`` fp32 [1]);
-* every other tensor (BatchNorm affine and running statistics, biases, small tensors)
-  travels as ``"<tensor name>/raw"`` in its own dtype (fp32, or int64 for counters).
+Header metadata: ``format = "fedbat.packet"``, ``version = "2"``, ``compressor = <name>``,
+``plan`` (8 hex digits of the tensor names, in order), ``groups`` (the group names, in
+order) and ``layout``: per tensor of the plan, ``;``-separated, its fields as
+``<group index>:<elements>`` (``0:1152,1:1``), or nothing for a tensor that travels raw
+(its ``raw`` field is then the next ``numel`` elements of ``raw.<its dtype>``). Names travel
+once per group instead of once per field: a cnn4 FedBAT packet's container is 0.88% of it
+(504 of 56,976 B) instead of 4.36% in version 1.
 
-Header metadata: ``format = "fedbat.packet"``, ``version = "1"``, ``compressor = <name>``.
-The receiver trusts nothing from the packet: names, dtypes and sizes are checked against the
-receiver's own :class:`TensorSpec` plan.
+The receiver trusts nothing from the packet: the plan, the groups, and a layout that uses
+every element of every group exactly once are checked, then each field's dtype and size
+against the receiver's own :class:`TensorSpec` plan (:mod:`fedbat.compressors.update`).
+Version 1 packets are refused with one line.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -31,7 +40,7 @@ from torch import nn
 from fedbat.compressors.base import Compressor, Fields
 from fedbat.errors import ConfigError, PacketError
 
-FORMAT, VERSION = "fedbat.packet", "1"
+FORMAT, VERSION = "fedbat.packet", "2"
 COMPRESSIBLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
@@ -99,19 +108,19 @@ def wire_plan(
     ]
 
 
-HEADER_BYTES_PER_FIELD = 128  # a safetensors header entry: dtype, shape, offsets, padding
+HEADER_BYTES = 1024  # the container's own header and metadata, before the layout
+LAYOUT_BYTES_PER_FIELD = 24  # "<group>:<length>," in the layout string, at most
 
 
 def max_packet_bytes(plan: list[TensorSpec], compressor: Compressor) -> int:
     """The largest packet ``compressor`` can produce for ``plan``: each tensor's payload
-    bound, plus a header entry for up to two fields per tensor and the metadata. Anything
-    larger is rejected before parsing."""
+    bound, the layout entries of up to two fields per tensor and the container header.
+    Anything larger is rejected before parsing."""
     payload = sum(
         compressor.max_payload_bytes(s.numel) if s.compressed else s.numel * s.dtype.itemsize
         for s in plan
     )
-    header = sum(2 * (len(s.name) + HEADER_BYTES_PER_FIELD) for s in plan)
-    return payload + header + 512
+    return payload + len(plan) * 2 * LAYOUT_BYTES_PER_FIELD + HEADER_BYTES
 
 
 @dataclass(frozen=True)
@@ -127,19 +136,34 @@ class Packet:
 
 
 def pack(fields: dict[str, Fields], compressor: Compressor) -> Packet:
-    """Serialise ``{tensor name: fields}`` into one packet."""
-    flat = {
-        f"{name}/{key}": t.contiguous().cpu()
-        for name, fs in fields.items()
-        for key, t in fs.items()
+    """Serialise ``{tensor name: fields}`` (in plan order) into one packet: each field
+    joins the buffer of its (field, dtype) group, flattened; the layout says which tensor
+    holds how many elements of which group."""
+    buffers: dict[str, list[torch.Tensor]] = {}
+    layout = []
+    for fs in fields.values():
+        entry = []
+        for key, t in fs.items():
+            group = f"{key}.{dtype_tag(t.dtype)}"
+            buffers.setdefault(group, []).append(t.detach().reshape(-1).cpu())
+            entry.append(f"{list(buffers).index(group)}:{t.numel()}")
+        layout.append("" if list(fs) == ["raw"] else ",".join(entry))  # raw: implied
+    flat = {g: torch.cat(ts) if len(ts) > 1 else ts[0].contiguous() for g, ts in buffers.items()}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "compressor": compressor.name,
+        "plan": plan_digest(list(fields)),
+        "groups": " ".join(flat),
+        "layout": ";".join(layout),
     }
-    meta = {"format": FORMAT, "version": VERSION, "compressor": compressor.name}
     payload = sum(t.numel() * t.element_size() * 8 for t in flat.values())
     return Packet(st_save(flat, metadata=meta), payload)
 
 
 def unpack(data: bytes, plan: list[TensorSpec], compressor: Compressor) -> dict[str, Fields]:
-    """Parse and check the container: size, header, format version, compressor, names."""
+    """Parse and check the container: size, header, format version, compressor, the plan
+    it was packed for, and a layout that accounts for every byte of every group."""
     if not data:
         raise PacketError("empty packet")
     limit = max_packet_bytes(plan, compressor)
@@ -151,20 +175,74 @@ def unpack(data: bytes, plan: list[TensorSpec], compressor: Compressor) -> dict[
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as err:
         raise PacketError(f"unreadable packet: {err}") from None
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise PacketError(
-            f"unsupported packet format {meta.get('format')!r} v{meta.get('version')!r}"
-        )
+        found = f"{meta.get('format')!r} v{meta.get('version')!r}"
+        raise PacketError(f"unsupported packet format {found}: this fedbat reads v{VERSION}")
     if meta.get("compressor") != compressor.name:
         raise PacketError(
             f"packet compressor {meta.get('compressor')!r}, expected {compressor.name!r}"
         )
-    fields: dict[str, Fields] = {s.name: {} for s in plan}
-    for key, t in flat.items():
-        name, _, field = key.rpartition("/")
-        if name not in fields:
-            raise PacketError(f"unexpected tensor {name!r} in packet")
-        fields[name][field] = t
+    if meta.get("plan") != plan_digest([s.name for s in plan]):
+        raise PacketError(f"packet for another model (plan {meta.get('plan')!r})")
+    groups = meta.get("groups", "").split()
+    if sorted(groups) != sorted(flat) or len(set(groups)) != len(groups):
+        raise PacketError(f"groups {groups} do not match the tensors {sorted(flat)}")
+    if any(t.dim() != 1 for t in flat.values()):
+        raise PacketError("a group is not one-dimensional")
+    try:
+        return _split(flat, groups, meta.get("layout", "").split(";"), plan)
+    except ValueError as err:
+        raise PacketError(f"malformed layout: {err}") from None
+
+
+def _split(
+    flat: dict[str, torch.Tensor], groups: list[str], layout: list[str], plan: list[TensorSpec]
+) -> dict[str, Fields]:
+    if len(layout) != len(plan):
+        raise ValueError(f"{len(layout)} tensors, the plan has {len(plan)}")
+    offsets = dict.fromkeys(groups, 0)
+    fields: dict[str, Fields] = {}
+    for spec, entry in zip(plan, layout, strict=True):
+        fs: Fields = {}
+        raw = f"raw.{dtype_tag(spec.dtype)}"
+        items = [(raw, spec.numel)] if not entry and not spec.compressed else []
+        for item in filter(None, entry.split(",")):
+            g, n = (int(v) for v in item.split(":"))
+            items.append((groups[g] if 0 <= g < len(groups) else "", n))
+        for group, n in items:
+            key, off = group.rpartition(".")[0], offsets.get(group, -1)
+            if off < 0 or n < 0 or off + n > flat[group].numel() or key in fs:
+                raise ValueError(f"{spec.name}: {n} elements of {group or 'no group'!r}")
+            fs[key] = flat[group][off : off + n]
+            offsets[group] = off + n
+        fields[spec.name] = fs
+    if left := {g: flat[g].numel() - off for g, off in offsets.items() if off != flat[g].numel()}:
+        raise ValueError(f"elements left over in {left}")
     return fields
+
+
+def plan_digest(names: list[str]) -> str:
+    """Eight hex digits naming the tensors a packet is for, in order: a packet of another
+    model (or another policy) is refused, though names do not travel."""
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:8]
+
+
+def dtype_tag(dtype: torch.dtype) -> str:
+    """safetensors' short name of ``dtype`` (``F32``), for group names."""
+    return _DTYPE_TAGS.get(dtype, str(dtype).removeprefix("torch."))
+
+
+_DTYPE_TAGS = {
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 def read_metadata(data: bytes) -> dict[str, str]:

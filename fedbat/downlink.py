@@ -47,7 +47,7 @@ class Downlink:
     >>> link.record(0, Packet(b"x" * 500, 3200))
     >>> link.record(1, Packet(b"y" * 600, 4000))
     >>> [(d.rounds, d.bits) for d in link.deliver([0, 2], 2)]  # 0 missed 2, 2 never came
-    [((0, 1), 8800), ((), 33216)]
+    [((0, 1), 8800), ((), 33728)]
     """
 
     def __init__(self, num_clients: int, full: Packet) -> None:

@@ -5,6 +5,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+from fedbat.cli import main
+from fedbat.rundir import RunDirLock
+
 DEVICE_CLIENT = textwrap.dedent(
     """
     import importlib.abc, sys
@@ -42,3 +47,30 @@ def test_compressors_import_without_lightning_hydra_wandb_matplotlib():
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("[]"), out.stdout
     assert "['0.bias', '0.weight', '2.bias', '2.weight']" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--supernodes", "0"], "--supernodes=0 --round-timeout=600: must be >= 1 and > 0"),
+        (["data.num_clients=5"], "data.num_clients=5: a deployment has one client per SuperNode"),
+        (["compressor=nope"], "compressor=nope: unknown compressor option"),
+        (["fed.clients_per_round=4"], "fed.clients_per_round=4: must be in [1, 3]"),
+    ],
+)
+def test_bad_deployment_input_is_one_line_and_starts_nothing(tmp_path, capsys, args, message):
+    run_dir = tmp_path / "run"
+    assert main(["flower", *args, f"run_dir={run_dir}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not run_dir.exists()
+
+
+def test_a_held_run_dir_is_refused_before_any_process_starts(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.csv").write_text("kept\n")
+    with RunDirLock(run_dir):
+        assert main(["flower", f"run_dir={run_dir}"]) == 2
+    assert ": in use by process" in capsys.readouterr().err
+    assert (run_dir / "metrics.csv").read_text() == "kept\n"

@@ -90,9 +90,15 @@ def test_a_killed_client_is_rejected_alone_and_sigterm_stops_cleanly(tmp_path):
     node = subprocess.run(["pgrep", "-f", "partition-id=1 "], capture_output=True, text=True)
     for pid in node.stdout.split():
         os.killpg(int(pid), signal.SIGKILL)
-    wait_rounds(run_dir, 2, proc)
+    seen = []
+    assert proc.stdout is not None
+    for line in proc.stdout:  # Flower streams the ServerApp's output a little late
+        seen.append(line)
+        if "rejected client 1" in line:
+            break
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
+    stdout = "".join(seen) + stdout
     assert proc.returncode == 143, stderr
     assert "interrupted (SIGTERM); deployment stopped; its checkpoint is intact" in stderr
     assert "rejected client 1: no reply within 30 s" in stdout

@@ -65,8 +65,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def job_config(overrides: list[str], supernodes: int) -> DictConfig:
-    """The resolved job: ``fedbat train``'s config with one client per SuperNode, and a run
-    dir under ``runs/flower/`` unless ``run_dir`` is given."""
+    """The resolved job: ``fedbat train``'s config with one client per SuperNode (and at
+    most all of them a round unless ``fed.clients_per_round`` is given), and a run dir under
+    ``runs/flower/`` unless ``run_dir`` is given."""
     from fedbat.cli import compose
 
     cfg = compose(overrides)
@@ -80,6 +81,8 @@ def job_config(overrides: list[str], supernodes: int) -> DictConfig:
             f"SuperNode; leave it out or set --supernodes {cfg.data.num_clients}"
         )
     cfg.data.num_clients = supernodes
+    if not any(o.startswith("fed.clients_per_round=") for o in overrides):
+        cfg.fed.clients_per_round = min(cfg.fed.clients_per_round, supernodes)
     if cfg.run_dir is None:
         kept = sorted(o for o in overrides if not o.startswith(("data.num_clients", "progress")))
         name = f"{cfg.data.name}_{cfg.model.name}_{cfg.compressor.name}"
@@ -87,6 +90,26 @@ def job_config(overrides: list[str], supernodes: int) -> DictConfig:
     cfg.run_dir = str(Path(cfg.run_dir).resolve())
     cfg.progress = False  # the ServerApp's output is Flower's log stream, not a terminal
     return cfg
+
+
+def check_run_dir(cfg: DictConfig) -> None:
+    """Fail before any process starts where the ServerApp would: a run dir that cannot be
+    written or is held by another run, a checkpoint of another job. A dir created only for
+    this check is removed again."""
+    from fedbat import rundir
+    from fedbat.errors import ConfigError
+    from fedbat.loop import resume_state
+
+    run_dir = Path(cfg.run_dir)
+    created = not run_dir.exists()
+    rundir.prepare(run_dir)
+    try:
+        with rundir.RunDirLock(run_dir):
+            resume_state(cfg, run_dir)
+    except ConfigError:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def free_port() -> int:
@@ -157,22 +180,52 @@ class Deployment:
         return proc
 
     def stop(self) -> None:
-        """SIGTERM to every process group (the ServerApp checkpoints nothing half-done),
-        then SIGKILL whatever is left after 10 s."""
-        for proc in self.procs.values():
-            _signal_group(proc, signal.SIGTERM)
+        """SIGTERM to every process of the deployment and their descendants (Flower's
+        SuperExec runs the apps in sessions of their own), then SIGKILL what is left after
+        10 s: the ServerApp holds the run dir until it exits."""
+        pids = descendants([p.pid for p in self.procs.values()])
+        for pid in pids:
+            _signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
+        while (alive := [p for p in pids if _running(p)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in alive:
+            _signal(pid, signal.SIGKILL)
         for proc in self.procs.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal_group(proc, signal.SIGKILL)
-                proc.wait()
+            proc.wait()
+        while any(_running(p) for p in alive) and time.monotonic() < deadline + 5:
+            time.sleep(0.1)
 
 
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
+def descendants(roots: list[int]) -> list[int]:
+    """``roots`` and every process below them (from ``ps``: Linux and macOS)."""
+    table = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in table.splitlines():
+        pid, ppid = (int(v) for v in line.split())
+        children.setdefault(ppid, []).append(pid)
+    out, stack = [], list(roots)
+    while stack:
+        out.append(pid := stack.pop())
+        stack += children.get(pid, [])
+    return out
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for an init that may not reap)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(OSError):
+        return stat.read_text().rpartition(")")[2].split()[0] != "Z"
+    return True
 
 
 def write_app(cfg: DictConfig, timeout: float, where: Path) -> Path:
@@ -202,11 +255,14 @@ def main(argv: list[str]) -> int:
         )
     if shutil.which("flower-superlink") is None:
         return fail('flower: Flower is not installed; pip install "fedbat[flower]"')
-    problem = prevalidate([*overrides, f"data.num_clients={ns.supernodes}"])
+    given = any(o.startswith("fed.clients_per_round=") for o in overrides)
+    fits = [] if given else ["fed.clients_per_round=1"]  # set below: at most every node
+    problem = prevalidate([*overrides, f"data.num_clients={ns.supernodes}", *fits])
     if problem:
         return fail(problem)
     try:
         cfg = job_config(overrides, ns.supernodes)
+        check_run_dir(cfg)
     except ConfigError as err:
         return fail(str(err))
     work = Path(tempfile.mkdtemp(prefix="fedbat-flower-"))
@@ -222,16 +278,22 @@ def main(argv: list[str]) -> int:
         deployment.start()
         run = deployment.submit(write_app(cfg, ns.round_timeout, work))
         assert run.stdout is not None
+        error = ""
         with open(work / "run.log", "w") as log:  # the run's whole stream, for a failure
             for line in run.stdout:
                 log.write(line)
-                if line.startswith(("fedbat:", "round ", "resuming")):
+                if line.startswith("fedbat: error:"):
+                    error = line
+                    print(line, end="", file=sys.stderr, flush=True)
+                elif line.startswith(("fedbat:", "round ", "resuming")):
                     print(line, end="", flush=True)
         run.wait()
         summary_path = Path(cfg.run_dir) / "summary.json"
         if summary_path.is_file() and summary_path.stat().st_mtime >= started:
             print(done_line(json.loads(summary_path.read_text()), cfg.run_dir))
             code = 0
+        elif error:  # the ServerApp refused the job, and said why in one line
+            return 2
         else:
             why = tail(work / "run.log", 3)
             print(f"fedbat: error: the Flower run did not finish ({why}); logs in {work}",
