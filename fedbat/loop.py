@@ -435,17 +435,17 @@ def _train(
     stop: slurm.StopRequest,
 ) -> dict[str, Any]:
     f = cfg.fed
-    resume_state = _resume_state(cfg, run_dir)
+    resumed = resume_state(cfg, run_dir)
     fed = Federation(cfg, fabric, task, data, transport)
     start, wandb_id, saved = 0, None, None
-    if resume_state is not None:
+    if resumed is not None:
         try:
-            fed.load_state_dict(resume_state)
+            fed.load_state_dict(resumed)
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             raise CheckpointError(
                 f"resume: the checkpoint does not fit this run ({str(err).splitlines()[0][:160]})"
             ) from None
-        start, wandb_id = resume_state["round"], resume_state["wandb_id"] or None
+        start, wandb_id = resumed["round"], resumed["wandb_id"] or None
         saved = start
         fabric.print(f"resuming {run_dir} after round {start} of {f.rounds}")
     is_zero = fabric.global_rank == 0
@@ -513,7 +513,7 @@ def _writing(run_dir: Path) -> Iterator[None]:
         ) from None
 
 
-def _resume_state(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+def resume_state(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     """The checkpoint to resume from: ``resume=PATH``, or ``run_dir``'s with ``resume=auto``."""
     if cfg.resume in (False, "false", "never", None):
         return None
