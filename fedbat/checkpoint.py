@@ -26,7 +26,7 @@ def save(run_dir: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
-KEYS = ("round", "server", "uplink_memory", "bits", "history", "wandb_id", "config")
+KEYS = ("round", "server", "bits", "history", "wandb_id", "config")
 
 
 def load(path: str | Path) -> dict[str, Any]:

@@ -65,6 +65,7 @@ class ClientResult:
     failure: str = ""  # why the client sent nothing (its packet is then empty)
     logs: dict[str, float] = field(default_factory=dict)  # training_step's self.log, averaged
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # the strategy's, per client
+    stored: bool = False  # its residuals and state went to the client store
 
     @property
     def ok(self) -> bool:

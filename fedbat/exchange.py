@@ -1,9 +1,10 @@
 """Moving client results between processes: the real packet bytes, gathered to every rank.
 
 Each rank serialises its clients' results into one safetensors blob (packets as uint8
-tensors; error-feedback residuals and the strategy's per-client state as fp32; facts in the
-header), the blobs are padded to a common length and all-gathered, and every rank parses all
-of them. With one process this is the identity.
+tensors, facts in the header), the blobs are padded to a common length and all-gathered, and
+every rank parses all of them. With one process this is the identity. A client's own state
+(error-feedback residuals, the strategy's) does not travel: the process that trained it
+wrote it to the client store (``fedbat/clientstore.py``).
 """
 
 from __future__ import annotations
@@ -30,12 +31,11 @@ def serialise(results: list[ClientResult]) -> bytes:
             if r.data
             else torch.zeros(0, dtype=torch.uint8)
         )
-        for key, t in r.residuals.items():
-            tensors[f"{r.client}/residual/{key}"] = t.contiguous()
-        for key, t in r.state.items():
-            tensors[f"{r.client}/state/{key}"] = t.contiguous()
         facts.append(
-            [r.client, r.payload_bits, r.num_samples, r.train_loss, r.compress_s, r.failure, r.logs]
+            [
+                *(r.client, r.payload_bits, r.num_samples, r.train_loss, r.compress_s),
+                *(r.failure, r.logs, r.stored),
+            ]
         )
     return st_save(tensors, metadata={"facts": json.dumps(facts)})
 
@@ -43,11 +43,12 @@ def serialise(results: list[ClientResult]) -> bytes:
 def deserialise(blob: bytes) -> list[ClientResult]:
     tensors = st_load(blob)
     out = []
-    for client, payload, n, loss, secs, failure, logs in json.loads(read_metadata(blob)["facts"]):
-        residuals, state = (under(tensors, f"{client}/{part}/") for part in ("residual", "state"))
+    for client, payload, n, loss, secs, failure, logs, stored in json.loads(
+        read_metadata(blob)["facts"]
+    ):
         data = tensors[f"{client}/packet"].numpy().tobytes()
         out.append(
-            ClientResult(client, data, payload, n, loss, secs, residuals, failure, logs, state)
+            ClientResult(client, data, payload, n, loss, secs, {}, failure, logs, {}, stored)
         )
     return out
 

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedbat import checkpoint, exchange, rundir, slurm
 from fedbat.accounting import BitCounter
 from fedbat.client import ClientData, ClientResult, LocalTraining, train_client
+from fedbat.clientstore import ClientStore
 from fedbat.compressors import ErrorFeedback, TensorSpec, build_pair, wire_plan
 from fedbat.compressors.packet import module_types
 from fedbat.config import check_resumable, validate
@@ -227,9 +228,8 @@ class Federation:
         )
         held = self.server.held | self.server.held_extra
         self.downlink = Downlink(self.dm.num_clients, encode_full(held, self.server.packet_plan))
-        lossy_ef = self.uplink.error_feedback and not self.uplink.lossless
-        self.up_memory = ErrorFeedback() if lossy_ef else None
-        self.client_states: dict[str, torch.Tensor] = {}  # the strategy's, "client/name"
+        self.error_feedback = self.uplink.error_feedback and not self.uplink.lossless
+        self.store = ClientStore(cfg.run_dir, self.dm.num_clients)  # residuals, client state
         self.bits = BitCounter()
         n = cfg.get("network") or {}
         self.network = (
@@ -249,11 +249,7 @@ class Federation:
         sent_down = self.downlink.deliver(clients, r)
         results = self.transport.train(self, sent_down, r)
         t_trained = time.perf_counter()
-        if self.up_memory is not None:
-            for res in results:
-                self.up_memory.residuals.update(res.residuals)  # keys: "client/tensor"
-        for res in results:
-            self.client_states |= {f"{res.client}/{k}": v for k, v in res.state.items()}
+        self.store.advance([res.client for res in results if res.stored], r)
         agg = self.server.aggregate(results)
         lr = self.schedule.lr
         self.schedule.end_round(max(self.local.steps(self.dm.client_size(c)) for c in clients))
@@ -288,8 +284,11 @@ class Federation:
         )
 
     def train_client(self, client: int, r: int) -> ClientResult:
-        """Train ``client`` in this process from the weights it holds (``w_hat``)."""
-        return train_client(
+        """Train ``client`` in this process from the weights it holds (``w_hat``) and its
+        own state, which it writes back to the store: results travel without it."""
+        kept = self.store.get(client)
+        residuals = {f"{client}/{k}": v for k, v in exchange.under(kept, "residual/").items()}
+        res = train_client(
             self.task,
             self.server.held,
             self.dm,
@@ -298,15 +297,31 @@ class Federation:
             self.local,
             self.plan,
             self.uplink,
-            self.up_memory,
+            ErrorFeedback(residuals) if self.error_feedback else None,
             self.schedule,
             self.server.strategy,
             self.server.held_extra,
-            self.client_state(client),
+            exchange.under(kept, "state/"),
         )
+        mine = {f"residual/{k.split('/', 1)[1]}": v for k, v in res.residuals.items()}
+        mine |= {f"state/{k}": v for k, v in res.state.items()}
+        if res.ok and mine:
+            self.store.put(client, r, mine)
+            res.stored = True
+        res.residuals, res.state = {}, {}
+        return res
 
-    def client_state(self, client: int) -> dict[str, torch.Tensor]:
-        return exchange.under(self.client_states, f"{client}/")
+    def _migrate(
+        self, r: int, residuals: dict[str, torch.Tensor], states: dict[str, torch.Tensor]
+    ) -> None:
+        by_client: dict[int, dict[str, torch.Tensor]] = {}
+        for part, flat in (("residual", residuals), ("state", states)):
+            for key, v in flat.items():
+                client, _, name = key.partition("/")
+                by_client.setdefault(int(client), {})[f"{part}/{name}"] = v
+        for client, tensors in by_client.items():
+            self.store.put(client, r, tensors)
+        self.store.advance(list(by_client), r)
 
     def evaluate(self) -> dict[str, float]:
         self.task.load_state_dict(self.server.global_state())
@@ -316,8 +331,7 @@ class Federation:
         return {
             "round": completed,
             "server": self.server.state_dict(),
-            "uplink_memory": self.up_memory.state_dict() if self.up_memory is not None else {},
-            "client_states": self.client_states,
+            "clients": self.store.state_dict(),
             "downlink": self.downlink.state_dict(),
             "bits": self.bits.state_dict(),
             "schedule": self.schedule.state_dict(),
@@ -328,9 +342,10 @@ class Federation:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.server.load_state_dict(state["server"])
-        if self.up_memory is not None:
-            self.up_memory = ErrorFeedback(state["uplink_memory"])
-        self.client_states = dict(state.get("client_states", {}))
+        if "clients" in state:
+            self.store.load_state_dict(state["clients"])
+        else:  # a checkpoint from before the store: its states move into the store
+            self._migrate(state["round"] - 1, state["uplink_memory"], state["client_states"])
         if "downlink" in state:  # older checkpoints: every client is sent the full model
             self.downlink.load_state_dict(state["downlink"])
         if not self.transport.clients_persist:
@@ -470,6 +485,7 @@ def _train(
                 with _writing(run_dir):
                     if save:
                         checkpoint.save(run_dir, fed.state_dict(r + 1, wandb_id))
+                        fed.store.collect()
                     for lg in loggers:
                         lg.log_metrics(metrics, step=r + 1)
             if save:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fedbat
-from fedbat import checkpoint
+from fedbat import checkpoint, clientstore
 from fedbat.errors import ConfigError
 from tests.test_loop import rows
 from tests.user_project.lit import DigitsDataModule, LitClassifier, ManualClassifier
@@ -186,7 +186,8 @@ def test_fit_from_a_script_on_2_processes_equals_1(tmp_path):
     assert [{k: v for k, v in h.items() if not k.startswith(drop)} for h in a["history"]] == [
         {k: v for k, v in h.items() if not k.startswith(drop)} for h in b["history"]
     ]
-    assert a["uplink_memory"].keys() == b["uplink_memory"].keys() != set()
+    states = [clientstore.read(tmp_path / d, s) for d, s in (("1", a), ("2", b))]
+    assert states[0].keys() == states[1].keys() != set()
     for k, v in a["server"]["global"].items():
         assert torch.equal(v, b["server"]["global"][k]), k
 

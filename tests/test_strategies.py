@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedbat import checkpoint
+from fedbat import checkpoint, clientstore
 from fedbat.errors import ConfigError
 from fedbat.loop import run
 from fedbat.strategies import STRATEGIES, build
@@ -223,8 +223,9 @@ def test_scaffold_control_variates_by_hand(tmp_path):
         assert state["server"]["global"]["w"].item() == x
         assert state["server"]["strategy"]["c"]["w"].item() == c
         assert state["server"]["held_extra"]["scaffold/w"].item() == c  # as the clients hold it
-        assert state["client_states"]["0/scaffold/w"].item() == c1
-        assert state["client_states"]["1/scaffold/w"].item() == c2
+        kept = clientstore.read(tmp_path / str(rounds), state)
+        assert kept["0/state/scaffold/w"].item() == c1
+        assert kept["1/state/scaffold/w"].item() == c2
 
 
 def test_scaffold_traffic_goes_through_the_compressors_and_is_counted(tmp_path):
