@@ -106,8 +106,9 @@ class FlowerTransport:
 
     def _discover(self, num_clients: int) -> set[int]:
         """The SuperNodes online; each new one is asked once which client it serves (its
-        ``partition-id``). Waits up to ``wait_nodes`` seconds for the first to connect."""
-        deadline = time.monotonic() + self.wait_nodes
+        ``partition-id``). Before the first round, waits up to ``wait_nodes`` seconds for a
+        node per client, so that no client is missed for having connected late."""
+        deadline = time.monotonic() + (self.wait_nodes if not self.asked else 0.0)
         while True:
             online = set(self.grid.get_node_ids())
             if new := online - self.asked:
@@ -122,7 +123,7 @@ class FlowerTransport:
                     pid = reply.content.config_records[RECORD].get("partition-id")
                     if isinstance(pid, int) and 0 <= pid < num_clients:
                         self.nodes[pid] = reply.metadata.src_node_id
-            if self.nodes or time.monotonic() > deadline:
+            if len(self.nodes) >= num_clients or time.monotonic() >= deadline:
                 return online
             time.sleep(0.5)
 
