@@ -103,6 +103,14 @@ class Downlink:
         }
 
 
+def apply_broadcast(
+    held: dict[str, torch.Tensor], decoded: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The weights a client holds after one broadcast: the server and every client apply
+    it with these very operations, so they hold the same bits."""
+    return {k: held[k] + decoded[k].to(held[k].dtype) for k in held}
+
+
 def encode_full(state: dict[str, torch.Tensor], plan: list[TensorSpec]) -> Packet:
     """The whole of ``state`` as a packet (``none``): what a client without a usable chain
     is sent; decoding it gives the state itself."""

@@ -21,6 +21,7 @@ from fedbat.compressors import (
     encode_update,
 )
 from fedbat.compressors.base import all_finite
+from fedbat.downlink import apply_broadcast
 from fedbat.errors import PacketError
 from fedbat.seeding import DOWNLINK, generator
 from fedbat.strategies import Strategy
@@ -149,7 +150,7 @@ class Server:
             held = state
         else:
             decoded, _ = decode_update(packet.data, plan, self.downlink)
-            held = {k: held[k] + decoded[k].to(held[k].dtype) for k in held}
+            held = apply_broadcast(held, decoded)
         self.held = {k: held[k] for k in self.held}
         self.held_extra = {k: held[k] for k in self.held_extra}
         return packet

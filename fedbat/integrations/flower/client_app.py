@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedbat.client import ClientData, LocalTraining, train_client
 from fedbat.compressors import Compressor, ErrorFeedback, TensorSpec, build_pair, decode_update
 from fedbat.contract import ServerSchedule
-from fedbat.downlink import FULL
+from fedbat.downlink import FULL, apply_broadcast
 from fedbat.integrations.flower.protocol import (
     RECORD,
     STATE,
@@ -54,6 +54,7 @@ class ClientSide:
     downlink: Compressor
     strategy: Strategy
     local: LocalTraining
+    schedule: ServerSchedule  # set from each request: the server owns it
 
 
 @functools.lru_cache(maxsize=1)  # a warm ClientApp process serves many rounds
@@ -71,8 +72,10 @@ def client_side(config_yaml: str) -> ClientSide:
     strategy.setup(dict(copy.deepcopy(task).cpu().named_parameters()), data.num_clients)
     f = cfg.fed
     local = LocalTraining(f.local_epochs, f.batch_size, cfg.seed, fabric.device, fabric)
+    packet_plan = plan + strategy.extra_plan(plan)
+    schedule = ServerSchedule(copy.deepcopy(task))
     return ClientSide(
-        cfg, data, task, plan, plan + strategy.extra_plan(plan), uplink, downlink, strategy, local
+        cfg, data, task, plan, packet_plan, uplink, downlink, strategy, local, schedule
     )
 
 
@@ -96,9 +99,8 @@ def train(msg: Message, context: Context) -> Message:
     version = int(kept["version"]) if kept else -1
     held = receive(side, request, stored["held"], version)
     names = {s.name for s in side.plan}
-    schedule = ServerSchedule(copy.deepcopy(side.task))
     if request.get("schedule"):
-        schedule.load_state_dict(json.loads(str(request["schedule"])))
+        side.schedule.load_state_dict(json.loads(str(request["schedule"])))
     memory = ErrorFeedback(stored["residual"]) if side.uplink.error_feedback else None
     result = train_client(
         side.task,
@@ -110,7 +112,7 @@ def train(msg: Message, context: Context) -> Message:
         side.plan,
         side.uplink,
         memory,
-        schedule,
+        side.schedule,
         side.strategy,
         {k: v for k, v in held.items() if k not in names},
         stored["state"],
@@ -135,5 +137,5 @@ def receive(
         raise ValueError(f"holds the model of round {version}; the broadcasts start at {start}")
     for packet in request["chain"]:
         decoded, _ = decode_update(bytes(packet), side.packet_plan, side.downlink)
-        held = {k: held[k] + decoded[k].to(held[k].dtype) for k in held}
+        held = apply_broadcast(held, decoded)
     return held

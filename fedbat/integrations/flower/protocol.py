@@ -43,25 +43,27 @@ def result_record(res: ClientResult) -> dict[str, Any]:
     }
 
 
+def failed(client: int, why: str) -> ClientResult:
+    """A client that sent nothing usable, and why (the server rejects it alone)."""
+    return ClientResult(client, b"", 0, 0, math.nan, 0.0, {}, why)
+
+
 def result_from_record(record: Mapping[str, Any], client: int) -> ClientResult:
     """Trust nothing from the wire: a reply of the wrong shape is a failed client, with why."""
 
-    def failed(why: str) -> ClientResult:
-        return ClientResult(client, b"", 0, 0, math.nan, 0.0, {}, why)
-
     if record.get("client") != client:
-        return failed(f"reply for client {record.get('client')!r}, expected {client}")
+        return failed(client, f"reply for client {record.get('client')!r}, expected {client}")
     if record.get("failure"):
-        return failed(str(record["failure"])[:300])
+        return failed(client, str(record["failure"])[:300])
     try:
         packet, logs = record["packet"], json.loads(record["logs"])
         facts = [int(record[k]) for k in ("payload_bits", "num_samples")]
         loss, secs = float(record["train_loss"]), float(record["compress_s"])
     except (KeyError, TypeError, ValueError) as err:
-        return failed(f"malformed reply ({type(err).__name__}: {err})")
+        return failed(client, f"malformed reply ({type(err).__name__}: {err})")
     ok_logs = isinstance(logs, dict) and all(isinstance(v, int | float) for v in logs.values())
     if not isinstance(packet, bytes) or not ok_logs or not math.isfinite(loss):
-        return failed("malformed reply (packet, logs or train_loss)")
+        return failed(client, "malformed reply (packet, logs or train_loss)")
     return ClientResult(client, packet, facts[0], facts[1], loss, secs, {}, logs={**logs})
 
 

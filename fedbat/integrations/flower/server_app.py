@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from fedbat.client import ClientResult
 from fedbat.downlink import Delivery, encode_full
 from fedbat.errors import ConfigError
-from fedbat.integrations.flower.protocol import RECORD, result_from_record
+from fedbat.integrations.flower.protocol import RECORD, failed, result_from_record
 from fedbat.loop import Federation, run
 
 app = ServerApp()
@@ -49,12 +49,13 @@ class FlowerTransport:
     def train(self, fed: Federation, sent_down: list[Delivery], r: int) -> list[ClientResult]:
         online = self._discover(fed.dm.num_clients)
         messages, results = {}, {}
+        common = self._common(fed, any(d.full for d in sent_down))  # once a round
         for d in sent_down:
             if self.nodes.get(d.client) not in online:
-                results[d.client] = _failed(d.client, "no SuperNode online serves this client")
+                results[d.client] = failed(d.client, "no SuperNode online serves this client")
                 continue
             messages[d.client] = Message(
-                RecordDict({RECORD: ConfigRecord(self._request(fed, d, r))}),
+                RecordDict({RECORD: ConfigRecord(self._request(fed, d, r, common))}),
                 dst_node_id=self.nodes[d.client],
                 message_type=MessageType.TRAIN,
             )
@@ -67,18 +68,18 @@ class FlowerTransport:
             if client not in messages:
                 continue
             if reply.has_error():
-                results[client] = _failed(client, f"client error: {reply.error.reason[:300]}")
+                results[client] = failed(client, f"client error: {reply.error.reason[:300]}")
                 continue
             res = result_from_record(reply.content.config_records[RECORD], client)
             size = fed.dm.client_size(client)
             if res.ok and res.num_samples != size:  # its weight in the mean: not its to set
-                res = _failed(client, f"claims {res.num_samples} samples; its partition has {size}")
+                res = failed(client, f"claims {res.num_samples} samples; its partition has {size}")
             if res.ok:
                 self.sent["flower/uplink_bytes"] += message_bytes(reply)
             results[client] = res
         for client in messages:
             if client not in results:
-                results[client] = _failed(client, f"no reply within {self.round_timeout:g} s")
+                results[client] = failed(client, f"no reply within {self.round_timeout:g} s")
         for client, res in results.items():
             if not res.ok:  # what it holds is unknown now: the full model next time
                 fed.downlink.version[client] = -1
@@ -87,21 +88,33 @@ class FlowerTransport:
     def round_metrics(self) -> dict[str, float]:
         return dict(self.sent)
 
-    def _request(self, fed: Federation, d: Delivery, r: int) -> dict:
-        content: dict = {"client": d.client, "round": r}
-        if d.full:
-            plan = fed.server.packet_plan
-            content["full"] = encode_full(fed.server.held | fed.server.held_extra, plan).data
-        else:
-            content["version"] = d.rounds[0]
-            content["chain"] = [fed.downlink.recent[j].data for j in d.rounds]
+    @staticmethod
+    def _common(fed: Federation, full: bool) -> dict:
+        """What the round's messages share: the full model (``w_hat``) when some client
+        needs it, and the learning-rate schedule's state."""
+        out: dict = {}
+        if full:
+            state = fed.server.held | fed.server.held_extra
+            out["full"] = encode_full(state, fed.server.packet_plan).data
         if fed.schedule.active:
             try:
-                content["schedule"] = json.dumps(fed.schedule.state_dict())
+                out["schedule"] = json.dumps(fed.schedule.state_dict())
             except TypeError as err:
                 raise ConfigError(
                     f"the LR scheduler's state cannot travel to clients: {err}"
                 ) from None
+        return out
+
+    @staticmethod
+    def _request(fed: Federation, d: Delivery, r: int, common: dict) -> dict:
+        content: dict = {"client": d.client, "round": r}
+        if d.full:
+            content["full"] = common["full"]
+        else:
+            content["version"] = d.rounds[0]
+            content["chain"] = [fed.downlink.recent[j].data for j in d.rounds]
+        if "schedule" in common:
+            content["schedule"] = common["schedule"]
         return content
 
     def _discover(self, num_clients: int) -> set[int]:
@@ -126,10 +139,6 @@ class FlowerTransport:
             if len(self.nodes) >= num_clients or time.monotonic() >= deadline:
                 return online
             time.sleep(0.5)
-
-
-def _failed(client: int, why: str) -> ClientResult:
-    return ClientResult(client, b"", 0, 0, float("nan"), 0.0, {}, why)
 
 
 @app.main()
