@@ -9,6 +9,14 @@ and what the client keeps between rounds. Every value is a plain Flower ConfigRe
 (3, b'packet', 48, 10, {'acc': 0.5})
 >>> result_from_record({"client": 4}, 3).failure
 'reply for client 4, expected 3'
+>>> result_from_record({"client": 3, "packet": b"x"}, 3).failure  # a fact missing
+"malformed reply (KeyError: 'logs')"
+>>> result_from_record(result_record(res) | {"train_loss": float("nan")}, 3).failure
+'malformed reply (packet, logs or train_loss)'
+>>> result_from_record(result_record(res) | {"logs": '{"acc": "high"}'}, 3).failure
+'malformed reply (packet, logs or train_loss)'
+>>> result_from_record(result_record(res) | {"failure": "out of memory"}, 3).failure
+'out of memory'
 """
 
 from __future__ import annotations
