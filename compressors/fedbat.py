@@ -36,24 +36,36 @@ def binarize(m: torch.Tensor, alpha: torch.Tensor, u: torch.Tensor) -> torch.Ten
 
 
 class ScaledBinarize(torch.autograd.Function):
-    """S(m, alpha) = alpha (2b - 1) with FedBAT's gradients.
+    """w + S(m, alpha), S = alpha (2b - 1), with FedBAT's gradients (none for the frozen w).
 
     dS/dm = 1 where |m| <= alpha else 0; dS/dalpha = +1 (m > alpha), -1 (m < -alpha),
-    (2b - 1) - m / alpha inside, summed over the layer.
+    (2b - 1) - m / alpha inside, summed over the layer. Outside, ``2b - 1`` already equals
+    sign(m) (|m / alpha| >= 1 forces b), so dS/dalpha is ``(2b - 1) - (m / alpha) * inside``
+    everywhere. Every step runs this on every compressed weight: the ops are fused in place,
+    with the same roundings as the formulas above, so results are bitwise those of
+    :func:`binarize` and the textbook expressions (tested).
+
+    >>> m = torch.tensor([-1.0, 0.2, 1.0], requires_grad=True)
+    >>> alpha = torch.tensor(0.5, requires_grad=True)
+    >>> out = ScaledBinarize.apply(torch.zeros(3), m, alpha, torch.tensor([0.9, 0.4, 0.0]))
+    >>> out.detach(), torch.autograd.grad(out.sum(), (m, alpha))
+    (tensor([-0.5000,  0.5000,  0.5000]), (tensor([0., 1., 0.]), tensor(0.6000)))
     """
 
     @staticmethod
-    def forward(ctx, m: torch.Tensor, alpha: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        b = binarize(m, alpha, u)
-        ctx.save_for_backward(m, alpha, b)
-        return alpha * (2 * b - 1)
+    def forward(
+        ctx, w: torch.Tensor, m: torch.Tensor, alpha: torch.Tensor, u: torch.Tensor
+    ) -> torch.Tensor:
+        sign = torch.div(m, alpha).add_(1).div_(2).add_(u).floor_().clamp_(0, 1).mul_(2).sub_(1)
+        ctx.save_for_backward(m, alpha, sign)
+        return torch.mul(sign, alpha).add_(w)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        m, alpha, b = ctx.saved_tensors
-        inside = m.abs() <= alpha
-        d_alpha = torch.where(inside, (2 * b - 1) - m / alpha, torch.sign(m))  # +-1 outside
-        return grad * inside, (grad * d_alpha).sum().reshape(alpha.shape), None
+        m, alpha, sign = ctx.saved_tensors
+        inside = m.abs().le_(alpha)  # 1.0 / 0.0
+        d_alpha = torch.addcmul(sign, torch.div(m, alpha), inside, value=-1).mul_(grad)
+        return None, grad * inside, d_alpha.sum().reshape(alpha.shape), None
 
 
 class LearnedBinarization(nn.Module):
@@ -77,7 +89,7 @@ class LearnedBinarization(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.binarizing:
             return w + self.m
-        return w + ScaledBinarize.apply(self.m, self.alpha(), torch.rand_like(self.m))
+        return ScaledBinarize.apply(w, self.m, self.alpha(), torch.rand_like(self.m))
 
 
 class FedBATHook(ClientHook):
@@ -94,7 +106,8 @@ class FedBATHook(ClientHook):
             weight = getattr(module, attr)
             weight.requires_grad_(False)
             layer = LearnedBinarization(weight.detach(), rho)
-            parametrize.register_parametrization(module, attr, layer)
+            # unsafe: skips a trial forward per layer per client; w + U keeps w's shape/dtype
+            parametrize.register_parametrization(module, attr, layer, unsafe=True)
             self.layers[name] = layer
         if self.switch_step == 0:
             self._switch()

@@ -14,7 +14,7 @@ def test_forward_matches_definition():
     u = torch.tensor([0.5, 0.99, 0.49, 0.3, 0.0, 0.0])
     # (m/alpha + 1)/2 + u = [-0.5, 0.99, 0.99, 1.05, 1.0, 2.0] -> floor, clamp [0, 1]
     assert binarize(m, alpha, u).tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
-    s = ScaledBinarize.apply(m, alpha, u)
+    s = ScaledBinarize.apply(torch.zeros(6), m, alpha, u)
     assert torch.allclose(s, torch.tensor([-0.1, -0.1, -0.1, 0.1, 0.1, 0.1]))
 
 
@@ -22,8 +22,9 @@ def test_stochastic_rounding_unbiased_inside_and_saturating_outside():
     alpha = torch.tensor(0.02)
     m = torch.tensor([-0.019, -0.01, 0.0, 0.005, 0.0199, 0.05, -0.05])
     g = torch.Generator().manual_seed(0)
+    w = torch.zeros(m.shape)
     draws = torch.stack(
-        [ScaledBinarize.apply(m, alpha, torch.rand(m.shape, generator=g)) for _ in range(20000)]
+        [ScaledBinarize.apply(w, m, alpha, torch.rand(m.shape, generator=g)) for _ in range(20000)]
     )
     mean = draws.mean(0)
     # std of one draw <= alpha; of the mean over 20000 draws <= alpha / 141
@@ -35,7 +36,7 @@ def test_custom_gradients_match_formulas():
     m = torch.tensor([-0.3, -0.05, 0.0, 0.05, 0.3], requires_grad=True)
     alpha = torch.tensor(0.1, requires_grad=True)
     u = torch.tensor([0.2, 0.9, 0.1, 0.6, 0.7])
-    out = ScaledBinarize.apply(m, alpha, u)
+    out = ScaledBinarize.apply(torch.zeros(5), m, alpha, u)
     g = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
     out.backward(g)
     b = binarize(m.detach(), alpha.detach(), u)
@@ -43,6 +44,42 @@ def test_custom_gradients_match_formulas():
     inside = (2 * b - 1) - m.detach() / 0.1
     d_alpha = torch.tensor([-1.0, inside[1], inside[2], inside[3], 1.0])
     assert alpha.grad.item() == pytest.approx(float((g * d_alpha).sum()))
+
+
+class Textbook(torch.autograd.Function):
+    """S(m, alpha) written as the paper's formulas, one op each: the fused operator must
+    equal it bit for bit, so that speeding it up never changes a result."""
+
+    @staticmethod
+    def forward(ctx, m, alpha, u):
+        b = binarize(m, alpha, u)
+        ctx.save_for_backward(m, alpha, b)
+        return alpha * (2 * b - 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        m, alpha, b = ctx.saved_tensors
+        inside = m.abs() <= alpha
+        d_alpha = torch.where(inside, (2 * b - 1) - m / alpha, torch.sign(m))
+        return grad * inside, (grad * d_alpha).sum().reshape(alpha.shape), None
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_fused_operator_is_bitwise_the_textbook_one(seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (64, 32, 3, 3)
+    m0 = torch.randn(shape, generator=g) * 0.01
+    a = 0.01 * (1 + seed / 10)
+    m0.view(-1)[:6] = torch.tensor([a, -a, 0.0, -0.0, a * (1 + 1e-7), -a * (1 - 1e-7)])  # edges
+    w, u, grad = torch.randn(shape, generator=g), torch.rand(shape, generator=g), torch.randn(shape)
+    got, want = [], []
+    for op, out in ((ScaledBinarize, got), (Textbook, want)):
+        m, alpha = m0.clone().requires_grad_(), torch.tensor(a, requires_grad=True)
+        s = op.apply(w, m, alpha, u) if op is ScaledBinarize else w + op.apply(m, alpha, u)
+        s.backward(grad)
+        out += [s.detach(), m.grad, alpha.grad]
+    for x, y in zip(got, want, strict=True):
+        assert torch.equal(x.view(torch.int32), y.view(torch.int32))
 
 
 class Odd(nn.Module):
