@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +38,20 @@ class Aggregate:
     train_loss: float = float("nan")
     stats: dict[str, float] = field(default_factory=dict)
     logs: dict[str, float] = field(default_factory=dict)  # self.log of training_step
+
+
+class Decoded(Sequence):
+    """A round's accepted packets as updates, each decoded when indexed: with a thousand
+    clients a round, their decoded fp32 updates would be a thousand models in memory."""
+
+    def __init__(self, packets: list[bytes], server: Server) -> None:
+        self.packets, self.server = packets, server
+
+    def __len__(self) -> int:
+        return len(self.packets)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return decode_update(self.packets[i], self.server.packet_plan, self.server.uplink)[0]
 
 
 class Server:
@@ -72,9 +87,10 @@ class Server:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def aggregate(self, results: list[ClientResult]) -> Aggregate:
-        """Decode and validate every packet in client-id order; apply the weighted mean."""
+        """Decode and validate every packet in client-id order; apply the strategy's
+        combination, for which the accepted packets are decoded again, one at a time."""
         out = Aggregate()
-        updates, weights, losses = [], [], []
+        packets, weights, losses = [], [], []
         bound = self._update_norm_bound()
         for res in sorted(results, key=lambda r: r.client):
             if not res.ok:
@@ -87,19 +103,19 @@ class Server:
                 out.rejected[res.client] = str(err)
                 continue
             out.accepted.append(res.client)
-            updates.append(update)
+            packets.append(res.data)
             weights.append(self.weight(res.num_samples))
             losses.append(res.train_loss)
             for k, v in stats.items():
                 out.stats[k] = out.stats.get(k, 0.0) + v
-        if not updates:
+        if not packets:
             return out
         total = float(sum(weights))
         out.train_loss = sum(w * loss for w, loss in zip(weights, losses, strict=True)) / total
-        out.stats = {k: v / len(updates) for k, v in out.stats.items()}
+        out.stats = {k: v / len(packets) for k, v in out.stats.items()}
         out.logs = _weighted_logs([r for r in results if r.client in out.accepted])
         before = self.global_state(), copy.deepcopy(self.strategy.state_dict())
-        self._apply(self.strategy.combine(updates, weights))
+        self._apply(self.strategy.combine(Decoded(packets, self), weights))
         if not all(all_finite(v.float()) for v in self.model.state_dict().values()):
             # the global model and the strategy's state (momentum, moments) stay finite
             self.model.load_state_dict(before[0])

@@ -77,6 +77,30 @@ def test_weighted_mean_reaches_the_strategy(tmp_path):
         assert torch.allclose(seen[name].double(), want, atol=1e-7), name
 
 
+def test_the_round_updates_reach_the_strategy_decoded_one_at_a_time(tmp_path):
+    """With a thousand clients a round, their decoded updates would be a thousand models in
+    memory: the strategy gets the packets as a sequence that decodes on access, and every
+    rule gets the same bits from it as from the list of decoded updates."""
+    from fedbat.compressors import decode_update
+    from fedbat.server import Decoded
+    from tests.test_reliability import _round_results
+
+    server, results = _round_results(tmp_path, 3)
+    given = []
+    combine = server.strategy.combine
+    server.strategy.combine = lambda updates, weights: (
+        given.append(updates) or combine(updates, weights)
+    )
+    server.aggregate(results)
+    assert isinstance(given[0], Decoded) and len(given[0]) == 3
+    assert given[0][0] is not given[0][0]  # decoded afresh, not kept
+    ups = [decode_update(r.data, server.plan, server.uplink)[0] for r in results]
+    for name in ("fedavg", "median", "trimmed_mean"):
+        lazy = build(name).combine(given[0], [3, 1, 2])
+        held = build(name).combine(ups, [3, 1, 2])
+        assert all(torch.equal(lazy[k], held[k]) for k in held), name
+
+
 def test_unknown_strategy_and_parameters_fail_in_one_line():
     with pytest.raises(ConfigError, match=r"strategy='fedsgd': unknown strategy; available: "):
         build("fedsgd")

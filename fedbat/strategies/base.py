@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -47,18 +47,17 @@ class Strategy:
         return {}
 
     def combine(
-        self, updates: list[dict[str, torch.Tensor]], weights: list[float]
+        self, updates: Sequence[Mapping[str, torch.Tensor]], weights: list[float]
     ) -> dict[str, torch.Tensor]:
         """One update from the round's accepted client updates: their weighted mean (summed
-        in float64, in client-id order, so every rank and world size gets the same bits)."""
+        in float64, in client-id order, so every rank and world size gets the same bits).
+
+        The server's ``updates`` decodes a client's packet each time it is indexed, so that
+        a round's decoded updates are never all in memory: walk it once; a rule that needs
+        them all at once (the median) takes ``list(updates)``."""
         total = float(sum(weights))
-        out = {}
-        for name in updates[0]:
-            acc = torch.zeros(updates[0][name].shape, dtype=torch.float64)
-            for update, w in zip(updates, weights, strict=True):
-                acc += (w / total) * update[name].to(torch.float64)
-            out[name] = acc.to(torch.float32)
-        return out
+        summed = weighted_sum(updates, weights, lambda _name, w: w / total)
+        return {name: acc.to(torch.float32) for name, acc in summed.items()}
 
     def apply(self, delta: Mapping[str, torch.Tensor]) -> None:
         """Move the parameters given to :meth:`setup` by the round's mean update."""
@@ -84,6 +83,27 @@ class Strategy:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+def weighted_sum(
+    updates: Iterable[Mapping[str, torch.Tensor]],
+    weights: Iterable[float],
+    coef: Callable[[str, float], float],
+) -> dict[str, torch.Tensor]:
+    """``sum_i coef(name, weight_i) * update_i[name]`` per tensor in float64, in the order
+    given, in one pass over ``updates``.
+
+    >>> ups = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 0.0])}]
+    >>> weighted_sum(ups, [1, 3], lambda name, w: w / 4)["w"]
+    tensor([2.5000, 0.5000], dtype=torch.float64)
+    """
+    acc: dict[str, torch.Tensor] = {}
+    for update, w in zip(updates, weights, strict=True):
+        for name, v in update.items():
+            if name not in acc:
+                acc[name] = torch.zeros(v.shape, dtype=torch.float64)
+            acc[name] += coef(name, w) * v.to(torch.float64)
+    return acc
 
 
 STRATEGIES = ClassRegistry("strategy", "strategy")

@@ -5,6 +5,8 @@ clients' sample weights, as robust statistics do; the server step is FedAvg's.""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 
 from fedbat.errors import check_range
@@ -12,7 +14,7 @@ from fedbat.strategies.base import register
 from fedbat.strategies.fedavg import FedAvg
 
 
-def _sorted_stack(updates: list[dict[str, torch.Tensor]], name: str) -> torch.Tensor:
+def _sorted_stack(updates: list[Mapping[str, torch.Tensor]], name: str) -> torch.Tensor:
     return torch.stack([u[name].to(torch.float64) for u in updates]).sort(dim=0).values
 
 
@@ -22,8 +24,9 @@ class Median(FedAvg):
     for an even count)."""
 
     def combine(
-        self, updates: list[dict[str, torch.Tensor]], weights: list[float]
+        self, updates: Sequence[Mapping[str, torch.Tensor]], weights: list[float]
     ) -> dict[str, torch.Tensor]:
+        updates = list(updates)  # every update at once: a median needs them all
         n, out = len(updates), {}
         for name in updates[0]:
             s = _sorted_stack(updates, name)
@@ -42,8 +45,9 @@ class TrimmedMean(FedAvg):
         self.trim = float(trim)
 
     def combine(
-        self, updates: list[dict[str, torch.Tensor]], weights: list[float]
+        self, updates: Sequence[Mapping[str, torch.Tensor]], weights: list[float]
     ) -> dict[str, torch.Tensor]:
+        updates = list(updates)
         n = len(updates)
         k = min(int(self.trim * n), (n - 1) // 2)
         return {

@@ -20,7 +20,7 @@ each exact for ``compressor=none`` and the paper's SGD:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from torch import nn
 
 from fedbat.compressors.base import ClientHook
 from fedbat.compressors.packet import TensorSpec
-from fedbat.strategies.base import register
+from fedbat.strategies.base import register, weighted_sum
 from fedbat.strategies.fedavg import FedAvg, current
 
 PREFIX = "scaffold/"  # names of the control-variate tensors in packets and client state
@@ -86,18 +86,18 @@ class Scaffold(FedAvg):
         return {PREFIX + n: c.clone() for n, c in self.c.items()}
 
     def combine(
-        self, updates: list[dict[str, torch.Tensor]], weights: list[float]
+        self, updates: Sequence[Mapping[str, torch.Tensor]], weights: list[float]
     ) -> dict[str, torch.Tensor]:
         """The weighted mean of the model updates (as FedAvg) and ``sum(dc_i) / N``, summed
-        in float64 in client-id order."""
-        models = [{k: v for k, v in u.items() if not k.startswith(PREFIX)} for u in updates]
-        out = super().combine(models, weights)
-        for name in self.c:
-            acc = torch.zeros(self.c[name].shape, dtype=torch.float64)
-            for u in updates:
-                acc += u[PREFIX + name].to(torch.float64)
-            out[PREFIX + name] = (acc / self.num_clients).to(torch.float32)
-        return out
+        in float64 in client-id order, in one pass."""
+        total = float(sum(weights))
+        summed = weighted_sum(
+            updates, weights, lambda name, w: 1.0 if name.startswith(PREFIX) else w / total
+        )
+        return {
+            name: (acc / self.num_clients if name.startswith(PREFIX) else acc).to(torch.float32)
+            for name, acc in summed.items()
+        }
 
     @torch.no_grad()
     def apply(self, delta: Mapping[str, torch.Tensor]) -> None:
