@@ -65,7 +65,7 @@ def profile_one_client(rows: int) -> str:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile-rows", type=int, default=15)
     args = p.parse_args()
     print(f"torch threads: {torch.get_num_threads()}")

@@ -4,19 +4,23 @@ and what the client keeps between rounds. Every value is a plain Flower ConfigRe
 
 >>> from fedbat.client import ClientResult
 >>> res = ClientResult(3, b"packet", 48, 10, 0.5, 0.01, {}, logs={"acc": 0.5})
->>> back = result_from_record(result_record(res), 3)
+>>> back = result_from_record(result_record(res), 3, 10)
 >>> (back.client, back.data, back.payload_bits, back.num_samples, back.logs)
 (3, b'packet', 48, 10, {'acc': 0.5})
->>> result_from_record({"client": 4}, 3).failure
+>>> result_from_record({"client": 4}, 3, 10).failure
 'reply for client 4, expected 3'
->>> result_from_record({"client": 3, "packet": b"x"}, 3).failure  # a fact missing
+>>> result_from_record({}, 3, 10).failure  # no fedbat record at all
+'reply for client None, expected 3'
+>>> result_from_record({"client": 3, "packet": b"x"}, 3, 10).failure  # a fact missing
 "malformed reply (KeyError: 'logs')"
->>> result_from_record(result_record(res) | {"train_loss": float("nan")}, 3).failure
+>>> result_from_record(result_record(res) | {"train_loss": float("nan")}, 3, 10).failure
 'malformed reply (packet, logs or train_loss)'
->>> result_from_record(result_record(res) | {"logs": '{"acc": "high"}'}, 3).failure
+>>> result_from_record(result_record(res) | {"logs": '{"acc": "high"}'}, 3, 10).failure
 'malformed reply (packet, logs or train_loss)'
->>> result_from_record(result_record(res) | {"failure": "out of memory"}, 3).failure
+>>> result_from_record(result_record(res) | {"failure": "out of memory"}, 3, 10).failure
 'out of memory'
+>>> result_from_record(result_record(res) | {"num_samples": 10**6}, 3, 10).failure  # weight
+'claims 1000000 samples; its partition has 10'
 """
 
 from __future__ import annotations
@@ -56,8 +60,9 @@ def failed(client: int, why: str) -> ClientResult:
     return ClientResult(client, b"", 0, 0, math.nan, 0.0, {}, why)
 
 
-def result_from_record(record: Mapping[str, Any], client: int) -> ClientResult:
-    """Trust nothing from the wire: a reply of the wrong shape is a failed client, with why."""
+def result_from_record(record: Mapping[str, Any], client: int, num_samples: int) -> ClientResult:
+    """Trust nothing from the wire: a reply of the wrong shape is a failed client, with why.
+    ``num_samples`` is the client's partition size: its weight in the mean is not its to set."""
 
     if record.get("client") != client:
         return failed(client, f"reply for client {record.get('client')!r}, expected {client}")
@@ -72,6 +77,8 @@ def result_from_record(record: Mapping[str, Any], client: int) -> ClientResult:
     ok_logs = isinstance(logs, dict) and all(isinstance(v, int | float) for v in logs.values())
     if not isinstance(packet, bytes) or not ok_logs or not math.isfinite(loss):
         return failed(client, "malformed reply (packet, logs or train_loss)")
+    if facts[1] != num_samples:
+        return failed(client, f"claims {facts[1]} samples; its partition has {num_samples}")
     return ClientResult(client, packet, facts[0], facts[1], loss, secs, {}, logs={**logs})
 
 
