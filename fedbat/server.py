@@ -44,14 +44,14 @@ class Decoded(Sequence):
     """A round's accepted packets as updates, each decoded when indexed: with a thousand
     clients a round, their decoded fp32 updates would be a thousand models in memory."""
 
-    def __init__(self, packets: list[bytes], server: Server) -> None:
-        self.packets, self.server = packets, server
+    def __init__(self, packets: list[bytes], plan: list[TensorSpec], uplink: Compressor) -> None:
+        self.packets, self.plan, self.uplink = packets, plan, uplink
 
     def __len__(self) -> int:
         return len(self.packets)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        return decode_update(self.packets[i], self.server.packet_plan, self.server.uplink)[0]
+        return decode_update(self.packets[i], self.plan, self.uplink)[0]
 
 
 class Server:
@@ -115,7 +115,7 @@ class Server:
         out.stats = {k: v / len(packets) for k, v in out.stats.items()}
         out.logs = _weighted_logs([r for r in results if r.client in out.accepted])
         before = self.global_state(), copy.deepcopy(self.strategy.state_dict())
-        self._apply(self.strategy.combine(Decoded(packets, self), weights))
+        self._apply(self.strategy.combine(Decoded(packets, self.packet_plan, self.uplink), weights))
         if not all(all_finite(v.float()) for v in self.model.state_dict().values()):
             # the global model and the strategy's state (momentum, moments) stay finite
             self.model.load_state_dict(before[0])
