@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -18,11 +20,19 @@ def save(run_dir: str | Path, state: dict[str, Any]) -> Path:
     any moment leaves either the old or the new checkpoint, never a torn one."""
     path = Path(run_dir) / CHECKPOINT
     tmp = path.with_suffix(".pt.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch reports a failed write (ENOSPC) as either
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(err, OSError):
+            raise
+        reason = (str(err).strip().splitlines() or ["write failed"])[0][:160]
+        raise OSError(errno.EIO, reason, str(path)) from None
     return path
 
 

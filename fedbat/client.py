@@ -66,6 +66,7 @@ class ClientResult:
     logs: dict[str, float] = field(default_factory=dict)  # training_step's self.log, averaged
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # the strategy's, per client
     stored: bool = False  # its residuals and state went to the client store
+    reset: str = ""  # why its stored state was dropped before it trained (a damaged file)
 
     @property
     def ok(self) -> bool:

@@ -62,6 +62,11 @@ def _choice(key: str, value: Any, allowed: Any) -> None:
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first invalid value (names, ranges, types)."""
     d, f = cfg.data, cfg.fed
+    if cfg.get("run_dir") is not None and not str(cfg.run_dir).strip():
+        raise ConfigError(
+            f"run_dir={cfg.run_dir!r}: must be a folder (or null, for "
+            "runs/<data>_<model>_<compressor>/<overrides>)"
+        )
     _choice("data.name", d.name, READERS)
     _choice("data.partition", d.partition, PARTITIONERS)
     if not cfg.model.get("_target_"):

@@ -34,7 +34,7 @@ def serialise(results: list[ClientResult]) -> bytes:
         facts.append(
             [
                 *(r.client, r.payload_bits, r.num_samples, r.train_loss, r.compress_s),
-                *(r.failure, r.logs, r.stored),
+                *(r.failure, r.logs, r.stored, r.reset),
             ]
         )
     return st_save(tensors, metadata={"facts": json.dumps(facts)})
@@ -43,12 +43,14 @@ def serialise(results: list[ClientResult]) -> bytes:
 def deserialise(blob: bytes) -> list[ClientResult]:
     tensors = st_load(blob)
     out = []
-    for client, payload, n, loss, secs, failure, logs, stored in json.loads(
+    for client, payload, n, loss, secs, failure, logs, stored, reset in json.loads(
         read_metadata(blob)["facts"]
     ):
         data = tensors[f"{client}/packet"].numpy().tobytes()
         out.append(
-            ClientResult(client, data, payload, n, loss, secs, {}, failure, logs, {}, stored)
+            ClientResult(
+                client, data, payload, n, loss, secs, {}, failure, logs, {}, stored, reset
+            )
         )
     return out
 

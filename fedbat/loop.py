@@ -23,7 +23,7 @@ import torch
 from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 
-from fedbat import checkpoint, exchange, rundir, slurm
+from fedbat import checkpoint, clientstore, exchange, rundir, slurm
 from fedbat.accounting import BitCounter
 from fedbat.client import ClientData, ClientResult, LocalTraining, train_client
 from fedbat.clientstore import ClientStore
@@ -229,7 +229,7 @@ class Federation:
         held = self.server.held | self.server.held_extra
         self.downlink = Downlink(self.dm.num_clients, encode_full(held, self.server.packet_plan))
         self.error_feedback = self.uplink.error_feedback and not self.uplink.lossless
-        self.store = ClientStore(cfg.run_dir, self.dm.num_clients)  # residuals, client state
+        self.store = ClientStore(cfg.run_dir, self.dm.num_clients, self._state_template())
         self.bits = BitCounter()
         n = cfg.get("network") or {}
         self.network = (
@@ -242,6 +242,14 @@ class Federation:
         self.local = LocalTraining(f.local_epochs, f.batch_size, cfg.seed, fabric.device, fabric)
         self.schedule = ServerSchedule(copy.deepcopy(self.task))  # checks the contract too
 
+    def _state_template(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        """What a client's stored state may hold: its residuals (one fp32 tensor per
+        compressed tensor of its packets) and the strategy's client state."""
+        residuals = [s for s in self.server.packet_plan if s.compressed and self.error_feedback]
+        out = {f"residual/{s.name}": (s.shape, torch.float32) for s in residuals}
+        states = self.server.strategy.client_state_plan(self.plan)
+        return out | {f"state/{s.name}": (s.shape, s.dtype) for s in states}
+
     def play_round(self, r: int) -> dict[str, float]:
         """Sample, send each client what it missed, train, aggregate, broadcast, count."""
         cfg, t0 = self.cfg, time.perf_counter()
@@ -249,7 +257,11 @@ class Federation:
         sent_down = self.downlink.deliver(clients, r)
         results = self.transport.train(self, sent_down, r)
         t_trained = time.perf_counter()
+        resets = {res.client: res.reset for res in results if res.reset}
+        self.store.forget(list(resets))
         self.store.advance([res.client for res in results if res.stored], r)
+        for client, why in resets.items():
+            self.fabric.print(f"round {r + 1}: client {client}: state reset, {why}")
         agg = self.server.aggregate(results)
         lr = self.schedule.lr
         self.schedule.end_round(max(self.local.steps(self.dm.client_size(c)) for c in clients))
@@ -276,6 +288,7 @@ class Federation:
                 "time/compress_s": compress_s,
                 "clients/accepted": len(agg.accepted),
                 "clients/rejected": len(agg.rejected),
+                "clients/state_reset": len(resets),
             }
             | {f"fedbat/{k}": v for k, v in agg.stats.items()}
             | agg.logs
@@ -309,6 +322,7 @@ class Federation:
             self.store.put(client, r, mine)
             res.stored = True
         res.residuals, res.state = {}, {}
+        res.reset = self.store.take_resets().get(client, "")
         return res
 
     def _migrate(
@@ -411,6 +425,7 @@ def run(
             rundir.prepare(run_dir)
             lock.acquire()
             rundir.remove_stale(run_dir)
+            clientstore.remove_stale(run_dir)
         fabric.launch()
         torch.set_num_threads(threads_per_process(cfg, fabric))
         summary = _train(cfg, fabric, run_dir, task, data, transport, slurm.STOP)

@@ -47,3 +47,27 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
     if "tests.slurm_jobs" in sys.modules:
         sys.modules["tests.slurm_jobs"].cancel_all()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A real 4 MB filesystem (tmpfs) at ``tmp_path / "disk"``, to run out of space on;
+    skipped where this process may not mount one."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:  # fmt: skip
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk: Path, leave: int) -> None:
+    """Fill ``disk`` until ``leave`` bytes are free."""
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    with open(disk / "filler", "wb") as f:
+        f.write(b"\0" * max(0, free - leave))

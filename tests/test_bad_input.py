@@ -12,7 +12,7 @@ import pytest
 
 from fedbat.cli import main
 from fedbat.loop import run
-from tests.conftest import make_cfg
+from tests.conftest import fill, make_cfg
 from tests.test_reliability import cli, metric_rows
 
 NAN_KEYS = [
@@ -193,3 +193,35 @@ def test_every_job_of_a_sweep_is_validated_before_any_starts(tmp_path, capsys, a
     assert len(err) == 1 and err[0].startswith("fedbat: error: ")
     assert ("fed.lr=nan: must be a number" in err[0]) or ("compressor=nosuch" in err[0])
     assert not sweep.exists()
+
+
+@pytest.mark.parametrize("args", [[], ["compressor=ef_signsgd"]], ids=["checkpoint", "clients"])
+def test_disk_full_mid_run_is_one_line_and_keeps_the_last_checkpoint(small_disk, capsys, args):
+    """A real filesystem that fills up: the checkpoint (torch reports ENOSPC its own way) or a
+    client's state file cannot be written; one line, exit 2, no temporary file left, and
+    the last checkpoint intact."""
+    run_dir = small_disk / "run"
+    assert main(["train", f"hydra.run.dir={run_dir}", "progress=false", "fed.rounds=1", *args]) == 0
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    fill(small_disk, leave=8192)
+    capsys.readouterr()
+    code = main(["train", f"hydra.run.dir={run_dir}", "progress=false", "fed.rounds=3", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"fedbat: error: run_dir={run_dir}: cannot write"), err
+    assert err[0].endswith("its last checkpoint is kept"), err
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
+    assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("value", ["''", "", "' '"])
+def test_an_empty_run_dir_is_refused_and_the_working_dir_untouched(tmp_path, monkeypatch, capsys,
+                                                                  value):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.yaml").write_text("a project's own")
+    assert main(["train", f"run_dir={value}", "progress=false", "fed.rounds=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fedbat: error: run_dir=") and ": must be a folder" in err
+    assert len(err.splitlines()) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+    assert (tmp_path / "config.yaml").read_text() == "a project's own"

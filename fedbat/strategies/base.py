@@ -46,6 +46,11 @@ class Strategy:
         """The server tensors every client must hold (named as in :meth:`extra_plan`)."""
         return {}
 
+    def client_state_plan(self, plan: list[TensorSpec]) -> list[TensorSpec]:
+        """The tensors a client's hook may keep between rounds (``ClientHook.client_state``):
+        a stored state that holds anything else is damaged."""
+        return []
+
     def combine(
         self, updates: Sequence[Mapping[str, torch.Tensor]], weights: list[float]
     ) -> dict[str, torch.Tensor]:

@@ -85,6 +85,10 @@ class Scaffold(FedAvg):
     def broadcast_state(self) -> dict[str, torch.Tensor]:
         return {PREFIX + n: c.clone() for n, c in self.c.items()}
 
+    def client_state_plan(self, plan: list[TensorSpec]) -> list[TensorSpec]:
+        """A client keeps its ``c_i``: one fp32 tensor per parameter, as ``dc_i`` travels."""
+        return self.extra_plan(plan)
+
     def combine(
         self, updates: Sequence[Mapping[str, torch.Tensor]], weights: list[float]
     ) -> dict[str, torch.Tensor]:
