@@ -50,6 +50,7 @@ class Compressor:
 
     name: str = "?"
     lossless: ClassVar[bool] = False
+    learns: ClassVar[bool] = False  # its training hook encodes the plan's compressed tensors
 
     def __init__(self, error_feedback: bool = False) -> None:
         if not isinstance(error_feedback, bool):
@@ -75,6 +76,10 @@ class Compressor:
         """Attach to local training of ``model``'s tensors ``names``; post-hoc compressors
         return None."""
         return None
+
+    def check_learned(self, fields: Fields) -> None:
+        """Fields that :meth:`training_hook` produced (not :meth:`encode`): raise PacketError
+        where they leave the range that honest local training gives (FedBAT's step sizes)."""
 
     def stats(self, fields: Fields) -> dict[str, float]:
         """Per-tensor figures worth logging (e.g. FedBAT's learned step size)."""

@@ -21,9 +21,10 @@ from torch.nn.utils import parametrize
 from fedbat.compressors.base import ClientHook, Compressor, Fields
 from fedbat.compressors.bits import decode_scaled_signs, encode_scaled_signs, scaled_signs_bytes
 from fedbat.compressors.registry import register
-from fedbat.errors import check_range
+from fedbat.errors import PacketError, check_range
 
 ALPHA_MIN, ALPHA_MAX = 5e-4, 5e-2
+_ALPHA_RANGE = torch.tensor([ALPHA_MIN, ALPHA_MAX])  # in fp32, as the clamp gives them
 
 
 def binarize(m: torch.Tensor, alpha: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -144,6 +145,8 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 class FedBAT(Compressor):
     """Learned 1-bit updates with per-layer learned step sizes (FedBAT)."""
 
+    learns = True
+
     def __init__(self, rho: float = 6.0, phi: float = 0.5, error_feedback: bool = True) -> None:
         super().__init__(error_feedback)
         check_range("rho", rho, 0.0, 100.0)
@@ -165,6 +168,16 @@ class FedBAT(Compressor):
 
     def max_payload_bytes(self, numel: int) -> int:
         return scaled_signs_bytes(numel)
+
+    def check_learned(self, fields: Fields) -> None:
+        """A client's step size is clamped to [5e-4, 5e-2]: a larger one is forged."""
+        low, high = _ALPHA_RANGE
+        scale = fields["scale"]
+        if not bool(((scale >= low) & (scale <= high)).all()):
+            raise PacketError(
+                f"step size {float(scale.max()):.3g} outside [{ALPHA_MIN}, {ALPHA_MAX}], "
+                "the range FedBAT's local training gives"
+            )
 
     def stats(self, fields: Fields) -> dict[str, float]:
         return {"alpha": float(fields["scale"][0])}

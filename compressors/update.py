@@ -6,6 +6,8 @@ feedback and the wire format meet; both the clients (uplink) and the server (dow
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 from fedbat.compressors.base import Compressor, Fields, expect
@@ -59,15 +61,23 @@ def encode_fields(
 
 
 def decode_update(
-    data: bytes, plan: list[TensorSpec], compressor: Compressor
+    data: bytes,
+    plan: list[TensorSpec],
+    compressor: Compressor,
+    learned: Collection[str] = (),
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Packet bytes -> (update by tensor name, per-tensor stats). Raises PacketError on
-    anything malformed or non-finite: the caller rejects the packet."""
-    return decode_fields(unpack(data, plan, compressor), plan, compressor)
+    anything malformed or non-finite: the caller rejects the packet. The fields of the
+    ``learned`` tensors (those a client's training hook encodes) are checked against what
+    honest training gives, too."""
+    return decode_fields(unpack(data, plan, compressor), plan, compressor, learned)
 
 
 def decode_fields(
-    fields: dict[str, Fields], plan: list[TensorSpec], compressor: Compressor
+    fields: dict[str, Fields],
+    plan: list[TensorSpec],
+    compressor: Compressor,
+    learned: Collection[str] = (),
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """:func:`decode_update` after unpacking (a client decodes its own fields this way, to
     know the update the server will see)."""
@@ -81,6 +91,8 @@ def decode_fields(
                 update[spec.name] = compressor.decode(read, spec.shape)
                 if extra := sorted(set(fs) - read.read):
                     raise PacketError(f"unexpected field(s) {extra} for {compressor.name!r}")
+                if spec.name in learned:
+                    compressor.check_learned(fs)
                 stats.update({f"{k}/{spec.name}": v for k, v in compressor.stats(fs).items()})
             else:
                 if set(fs) != {"raw"}:

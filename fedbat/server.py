@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -78,6 +79,8 @@ class Server:
         self.strategy = strategy if strategy is not None else build_strategy("fedavg")
         self.strategy.setup(self.params, num_clients)
         self.packet_plan = plan + self.strategy.extra_plan(plan)  # both directions
+        # what a client's training hook encodes: checked against what honest training gives
+        self.learned = frozenset(s.name for s in plan if s.compressed and uplink.learns)
         self.held = self.global_state()
         self.held_extra = self.strategy.broadcast_state()  # the strategy's, as clients hold it
         self.previous = self.held | self.held_extra  # as of the last broadcast
@@ -86,18 +89,30 @@ class Server:
     def global_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
-    def aggregate(self, results: list[ClientResult]) -> Aggregate:
+    def aggregate(self, results: list[ClientResult], sampled: Collection[int]) -> Aggregate:
         """Decode and validate every packet in client-id order; apply the strategy's
-        combination, for which the accepted packets are decoded again, one at a time."""
+        combination, for which the accepted packets are decoded again, one at a time.
+
+        Only the round's ``sampled`` clients count, each at most once: a result for another
+        client, or several for one (a replay), is rejected, all of that client's."""
         out = Aggregate()
         packets, weights, losses = [], [], []
         bound = self._update_norm_bound()
+        count = Counter(res.client for res in results)
         for res in sorted(results, key=lambda r: r.client):
+            if res.client not in sampled:
+                out.rejected[res.client] = "not sampled in this round"
+                continue
+            if count[res.client] > 1:
+                out.rejected[res.client] = f"{count[res.client]} results in one round (a replay)"
+                continue
             if not res.ok:
                 out.rejected[res.client] = res.failure
                 continue
             try:
-                update, stats = decode_update(res.data, self.packet_plan, self.uplink)
+                update, stats = decode_update(
+                    res.data, self.packet_plan, self.uplink, self.learned
+                )
                 _check_scale(update, bound)
             except PacketError as err:
                 out.rejected[res.client] = str(err)
@@ -116,7 +131,8 @@ class Server:
         out.logs = _weighted_logs([r for r in results if r.client in out.accepted])
         before = self.global_state(), copy.deepcopy(self.strategy.state_dict())
         self._apply(self.strategy.combine(Decoded(packets, self.packet_plan, self.uplink), weights))
-        if not all(all_finite(v.float()) for v in self.model.state_dict().values()):
+        after = [*self.model.state_dict().values(), *_tensors(self.strategy.state_dict())]
+        if not all(all_finite(v.float()) for v in after):
             # the global model and the strategy's state (momentum, moments) stay finite
             self.model.load_state_dict(before[0])
             self.strategy.load_state_dict(before[1])
@@ -189,6 +205,17 @@ class Server:
         self.strategy.load_state_dict(state["strategy"])
         if self.memory is not None:
             self.memory = ErrorFeedback(state["memory"])
+
+
+def _tensors(state: object) -> list[torch.Tensor]:
+    """Every tensor of a (nested) state dict."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for v in state.values() for t in _tensors(v)]
+    if isinstance(state, list | tuple):
+        return [t for v in state for t in _tensors(v)]
+    return []
 
 
 def _weighted_logs(results: list[ClientResult]) -> dict[str, float]:

@@ -68,4 +68,4 @@ def test_weighting_by_batches(tmp_path):
     assert [server.weight(n) for n in (64, 65, 1)] == [64, 65, 1]
     server.weight_batch_size = 64
     assert [server.weight(n) for n in (64, 65, 1)] == [1, 2, 1]
-    assert server.aggregate(results).accepted == [0, 1]
+    assert server.aggregate(results, {r.client for r in results}).accepted == [0, 1]

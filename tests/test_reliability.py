@@ -19,6 +19,7 @@ from fedbat.client import LocalTraining, train_client
 from fedbat.compressors.packet import pack, unpack
 from fedbat.loop import build_datamodule, build_task, run
 from fedbat.server import Server
+from fedbat.strategies import build as build_strategy
 from tests.conftest import make_cfg
 
 SLOW = ["model=cnn", "fed.local_epochs=4", "compressor=ef_signsgd"]  # ~0.3 s/round, with state
@@ -214,7 +215,7 @@ def test_fuzzed_packets_rejected_round_completes(tmp_path):
     for i, data in corrupt.items():
         results[i].data = data
     before = server.global_state()
-    agg = server.aggregate(results)
+    agg = server.aggregate(results, {r.client for r in results})
     assert agg.accepted == [results[0].client]
     assert sorted(agg.rejected) == sorted(results[i].client for i in corrupt)
     state = server.global_state()
@@ -230,7 +231,7 @@ def test_random_bit_flips_never_make_global_non_finite(tmp_path):
         for i in torch.randint(0, len(data), (3,), generator=g).tolist():
             data[i] ^= 1 << int(torch.randint(0, 8, (1,), generator=g))
         results[1].data = bytes(data)
-        server.aggregate(results)
+        server.aggregate(results, {r.client for r in results})
         assert all(bool(torch.isfinite(v.float()).all()) for v in server.global_state().values())
 
 
@@ -241,7 +242,7 @@ def test_wrong_shape_packet_rejected(tmp_path):
     )
     update = {s.name: torch.zeros(s.shape, dtype=s.dtype) for s in other}
     results[1].data = C.encode_update(update, other, server.uplink, torch.Generator()).data
-    agg = server.aggregate(results)
+    agg = server.aggregate(results, {r.client for r in results})
     assert list(agg.rejected) == [results[1].client]
 
 
@@ -273,12 +274,24 @@ def _forge_scale(data: bytes, server: Server, scale: float) -> bytes:
     return pack(fields, server.uplink).data
 
 
-@pytest.mark.parametrize("scale", [1e30, 3e38])
-def test_one_huge_but_finite_update_costs_only_its_own_client(tmp_path, scale):
+def _forge_raw(data: bytes, server: Server, value: float) -> tuple[bytes, str]:
+    """A client's real packet with one element of an uncompressed parameter set to
+    ``value`` (finite), and that parameter's name."""
+    fields = unpack(data, server.plan, server.uplink)
+    name = next(
+        s.name for s in server.plan if not s.compressed and s.name in server.params
+    )
+    fields[name]["raw"] = fields[name]["raw"].clone()
+    fields[name]["raw"][0] = value
+    return pack(fields, server.uplink).data, name
+
+
+@pytest.mark.parametrize("value", [1e30, 3e38])
+def test_one_huge_but_finite_update_costs_only_its_own_client(tmp_path, value):
     server, results = _round_results(tmp_path, 4)
-    results[2].data = _forge_scale(results[2].data, server, scale)
+    results[2].data, _ = _forge_raw(results[2].data, server, value)
     before = server.global_state()
-    agg = server.aggregate(results)
+    agg = server.aggregate(results, {r.client for r in results})
     assert list(agg.rejected) == [results[2].client]
     assert "max_update_ratio" in agg.rejected[results[2].client]
     assert agg.accepted == [results[i].client for i in (0, 1, 3)]
@@ -287,25 +300,51 @@ def test_one_huge_but_finite_update_costs_only_its_own_client(tmp_path, scale):
     assert any(not torch.equal(state[k], before[k]) for k in state)  # honest work applied
 
 
-def test_rollback_restores_the_server_momentum_too(tmp_path):
-    """With the norm bound off, an overflowing aggregate is rolled back: model and the
-    server optimizer's momentum both, so the next honest round is accepted."""
+@pytest.mark.parametrize("scale", [0.25, 1e-5, 0.0])
+def test_a_forged_fedbat_step_size_inside_the_norm_bound_is_rejected(tmp_path, scale):
+    """Honest clients clamp their step sizes to [5e-4, 5e-2]; 5x that (0.25) stays far
+    inside the default norm bound, yet is refused, as is one below the range."""
+    server, results = _round_results(tmp_path, 3)
+    results[1].data = _forge_scale(results[1].data, server, scale)
+    agg = server.aggregate(results, {r.client for r in results})
+    assert agg.accepted == [results[0].client, results[2].client]  # honest scales pass
+    assert "outside [0.0005, 0.05]" in agg.rejected[results[1].client]
+
+
+def test_a_replayed_or_unsampled_result_is_rejected(tmp_path):
+    """A transport that delivers one client's result twice, or a client that was not
+    sampled: neither counts; the other clients do."""
+    server, results = _round_results(tmp_path, 3)
+    replayed = [results[0], results[1], copy.copy(results[1]), results[2]]
+    agg = server.aggregate(replayed, {0, 1, 2})
+    assert agg.accepted == [0, 2] and "2 results in one round" in agg.rejected[1]
+    agg = server.aggregate(results, {0, 1})
+    assert agg.accepted == [0, 1] and agg.rejected == {2: "not sampled in this round"}
+
+
+def test_rollback_restores_the_strategy_state_too(tmp_path):
+    """FedAdam with the norm bound off: one 3e38 value makes the second moment infinite
+    while the model stays finite (its step is m / inf = 0). The rollback covers the
+    strategy's state, so that layer keeps training in the next honest round."""
     server, results = _round_results(tmp_path, 3)
     server.max_update_ratio = None
-    server.optimizer = torch.optim.SGD(server.params.values(), lr=1.0, momentum=0.9)
-    assert server.aggregate(results).accepted  # an honest round fills the momentum buffer
-    momentum = {k: v["momentum_buffer"].clone() for k, v in server.optimizer.state.items()}
+    server.strategy = build_strategy("fedadam")
+    server.strategy.setup(server.params)
+    assert server.aggregate(results, {0, 1, 2}).accepted  # honest: fills m and v
+    before = copy.deepcopy(server.strategy.state_dict()), server.global_state()
     poisoned = list(results)
     poisoned[0] = copy.copy(results[0])
-    poisoned[0].data = _forge_scale(results[0].data, server, 3e38)
-    agg = server.aggregate(poisoned)
+    poisoned[0].data, name = _forge_raw(results[0].data, server, 3e38)
+    agg = server.aggregate(poisoned, {0, 1, 2})
     assert not agg.accepted and set(agg.rejected.values()) == {"the aggregate overflowed"}
-    for k, v in server.optimizer.state.items():
-        assert torch.equal(v["momentum_buffer"], momentum[k])
-    assert server.aggregate(results).accepted == [r.client for r in results]
+    for part in ("m", "v"):
+        for k, v in before[0][part].items():
+            assert torch.equal(server.strategy.state_dict()[part][k], v), (part, k)
+    assert server.aggregate(results, {0, 1, 2}).accepted == [0, 1, 2]
+    assert not torch.equal(server.global_state()[name], before[1][name])  # still trains
 
 
 def test_empty_packet_is_not_called_non_finite_training(tmp_path):
     server, results = _round_results(tmp_path, 2)
     results[1].data = b""
-    assert server.aggregate(results).rejected == {results[1].client: "empty packet"}
+    assert server.aggregate(results, {r.client for r in results}).rejected == {results[1].client: "empty packet"}

@@ -67,7 +67,7 @@ def test_weighted_mean_reaches_the_strategy(tmp_path):
     server, results = _round_results(tmp_path, 3)
     seen = {}
     server.strategy.apply = lambda delta: seen.update(delta)  # record, do not move
-    server.aggregate(results)
+    server.aggregate(results, {r.client for r in results})
     from fedbat.compressors import decode_update
 
     ups = [decode_update(r.data, server.plan, server.uplink)[0] for r in results]
@@ -91,7 +91,7 @@ def test_the_round_updates_reach_the_strategy_decoded_one_at_a_time(tmp_path):
     server.strategy.combine = lambda updates, weights: (
         given.append(updates) or combine(updates, weights)
     )
-    server.aggregate(results)
+    server.aggregate(results, {r.client for r in results})
     assert isinstance(given[0], Decoded) and len(given[0]) == 3
     assert given[0][0] is not given[0][0]  # decoded afresh, not kept
     ups = [decode_update(r.data, server.plan, server.uplink)[0] for r in results]
@@ -175,9 +175,9 @@ def test_robust_rules_by_hand():
 
 
 def test_median_resists_a_poisoned_update_that_passes_validation(tmp_path):
-    """A forged step size of 0.5 (finite, inside the norm bound) moves the FedAvg model far,
-    the median model barely."""
-    from tests.test_reliability import _forge_scale, _round_results
+    """A forged parameter value of 5 (finite, inside the norm bound) moves the FedAvg model
+    far, the median model barely."""
+    from tests.test_reliability import _forge_raw, _round_results
 
     moved = {}
     for name in ("fedavg", "median"):
@@ -185,8 +185,8 @@ def test_median_resists_a_poisoned_update_that_passes_validation(tmp_path):
         server.strategy = build(name)
         server.strategy.setup(server.params)
         before = server.global_state()
-        results[0].data = _forge_scale(results[0].data, server, 0.5)
-        assert len(server.aggregate(results).accepted) == 5
+        results[0].data, _ = _forge_raw(results[0].data, server, 5.0)
+        assert len(server.aggregate(results, {r.client for r in results}).accepted) == 5
         after = server.global_state()
         moved[name] = max(float((after[k] - before[k]).abs().max()) for k in server.params)
     assert moved["median"] < 0.1 < moved["fedavg"], moved
