@@ -88,7 +88,10 @@ class DatasetClients:
         if client_key is not None:
             parts = keyed_clients(train, client_key)
         else:
-            labels = dataset_labels(train, label_fn)
+            if partition_name == "iid" and label_fn is None and _targets(train) is None:
+                labels = np.zeros(len(train), dtype=np.int64)  # type: ignore[arg-type]  # unused
+            else:
+                labels = dataset_labels(train, label_fn)
             parts = partition(
                 partition_name,
                 labels,

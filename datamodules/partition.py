@@ -53,12 +53,15 @@ def dirichlet(
             idx_k = rng.permutation(np.flatnonzero(labels == k))
             p = rng.dirichlet(np.full(num_clients, alpha))
             p = p * np.array([len(s) < n / num_clients for s in shares])
+            if not p.sum() > 0:  # a tiny alpha put all the mass on full clients: redraw
+                break
             p = p / p.sum()
             cuts = (np.cumsum(p) * len(idx_k)).astype(int)[:-1]
             for share, part in zip(shares, np.split(idx_k, cuts), strict=True):
                 share.extend(part.tolist())
-        if min(len(s) for s in shares) >= MIN_CLIENT_SAMPLES:
-            return [np.sort(np.asarray(s, dtype=np.int64)) for s in shares]
+        else:
+            if min(len(s) for s in shares) >= MIN_CLIENT_SAMPLES:
+                return [np.sort(np.asarray(s, dtype=np.int64)) for s in shares]
     raise ConfigError(
         f"data.alpha={alpha}: no dirichlet partition gave every one of {num_clients} clients "
         f">= {MIN_CLIENT_SAMPLES} samples in 1000 draws; raise alpha or lower data.num_clients"

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from omegaconf import open_dict
+from omegaconf import DictConfig, open_dict
 from torch.utils.data import Dataset
 
-from fedbat.cli import compose
+from fedbat.cli import compose, hydra_message
 from fedbat.config import validate
 from fedbat.datamodules.dataset import DatasetClients, from_datamodule
+from fedbat.errors import ConfigError
 from fedbat.loop import run, split_args
 
 
@@ -29,7 +30,7 @@ def fit(
     *,
     train_dataset: Dataset | None = None,
     test_dataset: Dataset | None = None,
-    overrides: Sequence[str] = (),
+    overrides: Sequence[str] | None = (),
     label_fn: Callable[[Any], int] | None = None,
     client_key: Callable[[Any], Hashable] | None = None,
 ) -> dict[str, Any]:
@@ -40,12 +41,14 @@ def fit(
     from the dataset's ``targets`` or ``label_fn``), or one client per ``client_key(sample)``.
     The run dir is ``run_dir=...`` when given, else ``runs/<ModuleClass>/<overrides>``.
     """
+    if not isinstance(module, L.LightningModule):
+        raise ConfigError(f"fit: module is a {type(module).__name__}; it must be a LightningModule")
     if (datamodule is None) == (train_dataset is None):
-        raise TypeError("fit: pass either a datamodule or a train_dataset")
-    cfg = compose(list(overrides))
+        raise ConfigError("fit: pass either a datamodule or a train_dataset")
+    cfg = _compose(overrides)
     with open_dict(cfg):
         if cfg.run_dir is None:
-            cfg.run_dir = str(default_run_dir(type(module).__name__, overrides))
+            cfg.run_dir = str(default_run_dir(type(module).__name__, overrides or []))
     validate(cfg)
     split = split_args(cfg)  # the data.* keys; functions given here take precedence
     split |= {k: f for k, f in (("label_fn", label_fn), ("client_key", client_key)) if f}
@@ -56,6 +59,26 @@ def fit(
     with open_dict(cfg):  # a natural partition decides the number of clients
         cfg.data.num_clients = data.num_clients
     return run(cfg, task=module, data=data)
+
+
+def _compose(overrides: Sequence[str] | None) -> DictConfig:
+    """The config of ``overrides``, with Hydra's errors in fedbat's one-line form."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if overrides is None:
+        overrides = []
+    if isinstance(overrides, str | bytes) or not isinstance(overrides, Sequence):
+        raise ConfigError(
+            f"fit: overrides={overrides!r}: must be a list of 'key=value' strings, "
+            'e.g. overrides=["compressor=fedbat", "fed.rounds=5"]'
+        )
+    if bad := [o for o in overrides if not isinstance(o, str)]:
+        raise ConfigError(f"fit: overrides: {bad[0]!r} is not a 'key=value' string")
+    try:
+        return compose(list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(hydra_message(str(err), list(overrides))) from None
 
 
 def default_run_dir(name: str, overrides: Sequence[str]) -> Path:

@@ -3,10 +3,11 @@ check. Every failure is a ConfigError naming the key, the bad value and what is 
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fedbat.compressors import build_pair
 from fedbat.compressors.packet import module_types
@@ -59,8 +60,31 @@ def _choice(key: str, value: Any, allowed: Any) -> None:
         raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(str, allowed))}")
 
 
+# Sections whose keys are fedbat's own: a key they do not have (``+fed.roundz=3``) is a typo.
+# The groups (data, model, compressor, strategy, logger) and task/datamodule take parameters.
+CLOSED = ("fed", "policy", "trainer", "checkpoint", "network")
+OPEN = ("data", "model", "compressor", "strategy", "logger", "hydra")
+
+
+def _check_keys(cfg: DictConfig) -> None:
+    base = OmegaConf.load(files("fedbat.configs") / "train.yaml")
+    allowed = {"": set(base) - {"defaults", "hydra"} | set(OPEN)}
+    allowed |= {section: set(base[section]) for section in CLOSED}
+    for section, keys in allowed.items():
+        node = cfg[section] if section else cfg
+        if not isinstance(node, DictConfig):
+            raise ConfigError(f"{section}={node!r}: must be a mapping of {', '.join(keys)}")
+        if extra := sorted(set(node) - keys):
+            key = f"{section}.{extra[0]}" if section else extra[0]
+            raise ConfigError(
+                f"{key}={OmegaConf.select(cfg, key)!r}: no such key; "
+                f"{section or 'the config'} has: {', '.join(sorted(keys - {'hydra'}))}"
+            )
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first invalid value (names, ranges, types)."""
+    _check_keys(cfg)
     d, f = cfg.data, cfg.fed
     if cfg.get("run_dir") is not None and not str(cfg.run_dir).strip():
         raise ConfigError(
@@ -90,17 +114,22 @@ def validate(cfg: DictConfig) -> None:
     if f.get("max_update_ratio") is not None:
         check_range("fed.max_update_ratio", f.max_update_ratio, 0.0, 1e30, low_open=True)
     check_range("policy.min_numel", cfg.policy.min_numel, 0, BIG, integer=True)
+    for key in ("modules", "include", "exclude"):
+        if not isinstance(cfg.policy[key], ListConfig | list):
+            raise ConfigError(
+                f"policy.{key}={cfg.policy[key]!r}: must be a list, e.g. policy.{key}=[Linear]"
+            )
     module_types(cfg.policy.modules)
     check_range("checkpoint.every", cfg.checkpoint.every, 1, BIG, integer=True)
     net = cfg.get("network") or {}
     if (net.get("uplink_mbps") is None) != (net.get("downlink_mbps") is None):
         given = "uplink" if net.get("uplink_mbps") is not None else "downlink"
         raise ConfigError(f"network.{given}_mbps: set both network.uplink_mbps and downlink_mbps")
-    if net.get("uplink_mbps") is not None:
-        for key in ("uplink_mbps", "downlink_mbps"):
+    for key in ("uplink_mbps", "downlink_mbps"):
+        if net.get(key) is not None:
             check_range(f"network.{key}", net[key], 0.0, 1e9, low_open=True)
-        check_range("network.latency_ms", net.latency_ms, 0.0, 1e7)
-        check_range("network.spread", net.spread, 0.0, 5.0)
+    check_range("network.latency_ms", net.get("latency_ms", 0.0), 0.0, 1e7)
+    check_range("network.spread", net.get("spread", 0.0), 0.0, 5.0)
     if cfg.get("target_acc") is not None:
         check_range("target_acc", cfg.target_acc, 0.0, 1.0)
     t = cfg.trainer

@@ -18,6 +18,7 @@ several optimizers, ``ReduceLROnPlateau`` (it needs a monitored metric every ste
 
 from __future__ import annotations
 
+import copy
 import numbers
 import warnings
 from collections.abc import Mapping
@@ -176,13 +177,28 @@ def _continue(opt: Optimization, scheduler_state: dict[str, Any]) -> None:
 def training_loss(output: Any) -> torch.Tensor:
     """The loss of ``training_step``'s result: a tensor, or a dict with ``"loss"``."""
     if isinstance(output, Mapping):
-        output = output.get("loss")
+        if "loss" not in output:
+            raise ConfigError(
+                f"task: training_step returned a dict without 'loss' (keys: "
+                f"{', '.join(map(str, output)) or 'none'}); put the loss tensor under 'loss'"
+            )
+        output = output["loss"]
     if not isinstance(output, torch.Tensor):
         raise ConfigError(
             f"task: training_step returned {type(output).__name__}; it must return the loss "
             "tensor or a dict with 'loss' (returning None to skip a batch is not supported)"
         )
     return output
+
+
+def check_training_step(module: nn.Module, batch: Any) -> None:
+    """Run ``training_step`` once on ``batch``, on a copy and without touching any random
+    state, so that a step that cannot be trained (returning None) fails before a run writes
+    anything."""
+    probe = copy.deepcopy(module)
+    LogCollector().attach(probe)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        training_loss(probe.training_step(batch, 0))
 
 
 class LogCollector:

@@ -48,9 +48,7 @@ def deserialise(blob: bytes) -> list[ClientResult]:
     ):
         data = tensors[f"{client}/packet"].numpy().tobytes()
         out.append(
-            ClientResult(
-                client, data, payload, n, loss, secs, {}, failure, logs, {}, stored, reset
-            )
+            ClientResult(client, data, payload, n, loss, secs, {}, failure, logs, {}, stored, reset)
         )
     return out
 

@@ -30,7 +30,7 @@ from fedbat.clientstore import ClientStore
 from fedbat.compressors import ErrorFeedback, TensorSpec, build_pair, wire_plan
 from fedbat.compressors.packet import module_types
 from fedbat.config import check_resumable, validate
-from fedbat.contract import ServerSchedule, evaluate
+from fedbat.contract import ServerSchedule, check_training_step, evaluate
 from fedbat.datamodules import FederatedDataModule
 from fedbat.datamodules.dataset import from_datamodule
 from fedbat.downlink import Delivery, Downlink, encode_full
@@ -241,6 +241,9 @@ class Federation:
         self.history: list[dict[str, float]] = []
         self.local = LocalTraining(f.local_epochs, f.batch_size, cfg.seed, fabric.device, fabric)
         self.schedule = ServerSchedule(copy.deepcopy(self.task))  # checks the contract too
+        first = self.dm.client_batches(0, f.batch_size, torch.Generator(), fabric.device)
+        if (batch := next(iter(first), None)) is not None:
+            check_training_step(self.task, batch)
 
     def _state_template(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
         """What a client's stored state may hold: its residuals (one fp32 tensor per
@@ -510,6 +513,8 @@ def _train(
                 stop.asked = False  # consumed: a later run in this process starts afresh
                 raise Interrupted("SIGUSR1", saved)
         summary = summarise(fed.history, cfg)
+        if summary["final_acc"] is None:
+            fabric.print(unlogged_monitor(fed.history, summary["monitor"]))
         if is_zero:
             with _writing(run_dir):
                 (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -560,6 +565,20 @@ def resume_state(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
             "or resume=false to start over"
         )
     return state
+
+
+def unlogged_monitor(history: list[dict[str, float]], key: str) -> str:
+    """The line a run ends with when its ``monitor`` was never logged.
+
+    >>> unlogged_monitor([{"round": 1, "bits/uplink": 8, "val_acc": 0.9}], "test/acc")
+    "fedbat: monitor='test/acc' was never logged, ...; logged: val_acc (set monitor=<one of them>)"
+    """
+    accounting = ("bits/", "time/", "compression/", "clients/", "sim/", "fedbat/", "flower/")
+    logged = sorted({k for h in history for k in h if not k.startswith(accounting)} - {"round"})
+    return (
+        f"fedbat: monitor={key!r} was never logged, so the summary has no final or best "
+        f"value; logged: {', '.join(logged) or 'nothing'} (set monitor=<one of them>)"
+    )
 
 
 def summarise(history: list[dict[str, float]], cfg: DictConfig) -> dict[str, Any]:

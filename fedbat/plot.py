@@ -160,6 +160,11 @@ def plot_runs(
     for name, allowed, given in (("--x", X_AXES, axes), ("--format", FORMATS, formats)):
         if bad := [a for a in given if a not in allowed]:
             raise ConfigError(f"{name} {bad[0]!r}: must be one of {', '.join(allowed)}")
+    if out is not None and (out.suffix.lstrip(".") in FORMATS or out.is_file()):
+        raise ConfigError(
+            f"--out {out}: must be a folder (it receives acc_vs_<axis>.<format> files), "
+            "e.g. --out plots"
+        )
     groups = group_runs(find_runs(paths))
     out = out or (paths[0] if len(paths) == 1 and paths[0].is_dir() else Path("."))
     out.mkdir(parents=True, exist_ok=True)

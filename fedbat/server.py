@@ -110,9 +110,7 @@ class Server:
                 out.rejected[res.client] = res.failure
                 continue
             try:
-                update, stats = decode_update(
-                    res.data, self.packet_plan, self.uplink, self.learned
-                )
+                update, stats = decode_update(res.data, self.packet_plan, self.uplink, self.learned)
                 _check_scale(update, bound)
             except PacketError as err:
                 out.rejected[res.client] = str(err)

@@ -38,6 +38,11 @@ FRESH_BAD = [
     (["compressor.error_feedback=maybe"], "compressor.error_feedback='maybe': must be true"),
     (["model=cnn4"], "model.name='cnn4': does not take the dataset's inputs of shape (1, 8, 8)"),
     (["data=imagenet"], "data=imagenet: unknown data option; available: cifar10, cifar100"),
+    (["+fed.roundz=3"], "fed.roundz=3: no such key; fed has: batch_size, clients_per_round"),
+    (["+foo=1"], "foo=1: no such key; the config has: checkpoint, compressor"),
+    (["network.latency_ms=nan"], "network.latency_ms=nan: must be a number"),
+    (["policy.modules=Linear"], "policy.modules='Linear': must be a list, e.g. policy.modules="),
+    (["data.partition=dirichlet", "data.alpha=1e-9"], "data.alpha=1e-09: no dirichlet partition"),
 ]
 
 
@@ -49,6 +54,28 @@ def test_bad_value_one_line_exit_2_and_no_run_dir(tmp_path, overrides, needle, c
     assert code == 2, err
     assert needle in err and len(err.splitlines()) == 1, err
     assert not run_dir.exists()  # not even an empty run dir is left behind
+
+
+def test_a_monitor_never_logged_says_so_at_the_end(tmp_path, capsys):
+    assert main(["train", f"hydra.run.dir={tmp_path}", "progress=false", "fed.rounds=1",
+                 "monitor=val_acc"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "fedbat: monitor='val_acc' was never logged" in out
+    assert "logged: test/acc, test/loss, train/loss (set monitor=<one of them>)" in out
+
+
+@pytest.mark.parametrize("out", ["x.png", "plots.pdf", "notes.txt"])
+def test_plot_out_must_be_a_folder(tmp_path, capsys, out):
+    run(make_cfg(tmp_path / "run", "fed.rounds=1"))
+    (tmp_path / "notes.txt").write_text("mine")
+    target = tmp_path / out
+    assert main(["plot", str(tmp_path / "run"), "--out", str(target)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err == f"fedbat: error: --out {target}: must be a folder (it receives "
+        "acc_vs_<axis>.<format> files), e.g. --out plots"
+    )
+    assert not target.is_dir() and (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_run_dir_that_is_a_file(tmp_path, capsys):

@@ -79,7 +79,7 @@ def _missing(path, other):
     [
         (_truncate, "unreadable"),
         (_garbage, "unreadable"),
-        (_other_run, r"residual/model.1.weight: \(16, 64\) torch.float32, this run keeps \(128, 64\)"),
+        (_other_run, r"model.1.weight: \(16, 64\) torch.float32, this run keeps \(128, 64\)"),
         (_symlink, "a symbolic link, not followed"),
         (_nan, "non-finite values"),
         (_missing, "missing"),

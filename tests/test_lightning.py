@@ -12,7 +12,12 @@ import fedbat
 from fedbat import checkpoint, clientstore
 from fedbat.errors import ConfigError
 from tests.test_loop import rows
-from tests.user_project.lit import DigitsDataModule, LitClassifier, ManualClassifier
+from tests.user_project.lit import (
+    DigitsDataModule,
+    LitClassifier,
+    ManualClassifier,
+    ReturnsClassifier,
+)
 
 ROOT = Path(__file__).parent.parent
 BASE = ["fed.rounds=3", "fed.clients_per_round=5", "data.num_clients=10", "progress=false"]
@@ -50,13 +55,34 @@ def test_every_configure_optimizers_form_trains(tmp_path, form):
         (LitClassifier(optim="two"), "gave 2 optimizer(s) (SGD, Adam)"),
         (LitClassifier(optim="plateau"), "ReduceLROnPlateau is not supported"),
         (ManualClassifier(), "manual optimization"),
+        (ReturnsClassifier(None), "training_step returned NoneType"),
+        (ReturnsClassifier({"logits": 1}), "training_step returned a dict without 'loss' (keys:"),
+        (torch.nn.Linear(2, 2), "fit: module is a Linear; it must be a LightningModule"),
     ],
-    ids=["two-optimizers", "plateau", "manual"],
+    ids=["two-optimizers", "plateau", "manual", "none", "no-loss", "not-lightning"],
 )
 def test_what_cannot_be_honoured_fails_before_any_work(tmp_path, module, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         fit(tmp_path / "run", module)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ("fed.rounds=2", "fit: overrides='fed.rounds=2': must be a list of 'key=value' strings"),
+        ({"fed.rounds": 2}, "fit: overrides={'fed.rounds': 2}: must be a list"),
+        (["fed.roundz=2"], "fed.roundz=2: no such key; fed has: rounds,"),
+        (["compressor=nosuch"], "compressor=nosuch: unknown compressor option; available:"),
+        ([3], "fit: overrides: 3 is not a 'key=value' string"),
+    ],
+)
+def test_fit_refuses_bad_overrides_in_one_line(tmp_path, monkeypatch, overrides, needle):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        fedbat.fit(LitClassifier(), DigitsDataModule(), overrides=overrides)
+    assert str(err.value).startswith(needle) and len(str(err.value).splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
 
 
 def test_scheduler_continues_across_a_resume_bitwise(tmp_path):
@@ -200,3 +226,19 @@ def test_a_datamodule_without_a_task_fails_in_one_line(tmp_path):
         "dataset's input shape; give your LightningModule too (task._target_=...)"
     ]
     assert not (tmp_path / "r").exists()
+
+
+def test_an_iid_split_needs_no_labels(tmp_path):
+    """iid draws no labels: a dataset without ``targets`` or ``label_fn`` splits as if it had
+    them (the same clients); the label partitions still ask for them, in one line."""
+    from fedbat.datamodules.dataset import DatasetClients
+    from tests.user_project.lit import DigitsDicts
+
+    labelled = DigitsDicts(train=True)
+    bare = torch.utils.data.StackDataset(labelled)  # the same samples, no targets
+    ours = DatasetClients(bare, None, num_clients=5)
+    theirs = DatasetClients(labelled, None, num_clients=5)
+    assert all(torch.equal(a, b) for a, b in zip(ours.client_indices, theirs.client_indices,
+                                                 strict=True))  # fmt: skip
+    with pytest.raises(ConfigError, match="has no 'targets' to partition by label"):
+        DatasetClients(bare, None, num_clients=5, partition_name="dirichlet")

@@ -278,9 +278,7 @@ def _forge_raw(data: bytes, server: Server, value: float) -> tuple[bytes, str]:
     """A client's real packet with one element of an uncompressed parameter set to
     ``value`` (finite), and that parameter's name."""
     fields = unpack(data, server.plan, server.uplink)
-    name = next(
-        s.name for s in server.plan if not s.compressed and s.name in server.params
-    )
+    name = next(s.name for s in server.plan if not s.compressed and s.name in server.params)
     fields[name]["raw"] = fields[name]["raw"].clone()
     fields[name]["raw"][0] = value
     return pack(fields, server.uplink).data, name
@@ -347,4 +345,6 @@ def test_rollback_restores_the_strategy_state_too(tmp_path):
 def test_empty_packet_is_not_called_non_finite_training(tmp_path):
     server, results = _round_results(tmp_path, 2)
     results[1].data = b""
-    assert server.aggregate(results, {r.client for r in results}).rejected == {results[1].client: "empty packet"}
+    assert server.aggregate(results, {r.client for r in results}).rejected == {
+        results[1].client: "empty packet"
+    }

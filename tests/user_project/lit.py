@@ -110,6 +110,18 @@ class ManualClassifier(LitClassifier):
         self.automatic_optimization = False
 
 
+class ReturnsClassifier(LitClassifier):
+    """LitClassifier whose ``training_step`` returns what it was told to (None, a dict)."""
+
+    def __init__(self, returns: object = None, **kw) -> None:
+        super().__init__(**kw)
+        self.returns = returns
+
+    def training_step(self, batch: dict, batch_idx: int) -> object:
+        super().training_step(batch, batch_idx)
+        return self.returns
+
+
 class PacedClassifier(LitClassifier):
     """LitClassifier whose steps take ``$FEDBAT_TEST_PACE`` seconds more of wall time, and no
     more CPU: it stretches a cluster job past its time limit without changing a result."""
