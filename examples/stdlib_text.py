@@ -136,8 +136,8 @@ def main(overrides: list[str], files: int = 40) -> dict:
     torch.manual_seed(0)
     paths = stdlib_files(files)
     name = ",".join(sorted(o for o in overrides if not o.startswith("trainer."))) or "default"
-    run_dir = (
-        [f"run_dir=runs/stdlib_text/{name}"]
+    run_dir = (  # quoted: the name holds '=' and ',', which Hydra would parse
+        [f"run_dir='runs/stdlib_text/{name}'"]
         if not any(o.startswith("run_dir=") for o in overrides)
         else []
     )

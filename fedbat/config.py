@@ -3,6 +3,7 @@ check. Every failure is a ConfigError naming the key, the bad value and what is 
 
 from __future__ import annotations
 
+import os
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,21 @@ RESUME_FREE = (
     "checkpoint",
     "target_acc",
 )
+
+
+MAX_ROUNDS = "FEDBAT_MAX_ROUNDS"  # environment: cap every run's fed.rounds (smoke tests)
+
+
+def cap_rounds(cfg: DictConfig) -> None:
+    """``fed.rounds`` at most ``$FEDBAT_MAX_ROUNDS`` when set: any command, run for a round
+    or two (the README's commands are tested so)."""
+    cap = os.environ.get(MAX_ROUNDS)
+    if not cap:
+        return
+    if not cap.isdigit() or int(cap) < 1:
+        raise ConfigError(f"{MAX_ROUNDS}={cap!r}: must be an integer >= 1")
+    if isinstance(cfg.fed.rounds, int) and cfg.fed.rounds > int(cap):
+        cfg.fed.rounds = int(cap)
 
 
 def _check_gpus(accelerator: str, devices: int | str) -> None:

@@ -29,7 +29,7 @@ from fedbat.client import ClientData, ClientResult, LocalTraining, train_client
 from fedbat.clientstore import ClientStore
 from fedbat.compressors import ErrorFeedback, TensorSpec, build_pair, wire_plan
 from fedbat.compressors.packet import module_types
-from fedbat.config import check_resumable, validate
+from fedbat.config import cap_rounds, check_resumable, validate
 from fedbat.contract import ServerSchedule, check_training_step, evaluate
 from fedbat.datamodules import FederatedDataModule
 from fedbat.datamodules.dataset import from_datamodule
@@ -409,11 +409,13 @@ def run(
     task: L.LightningModule | None = None,
     data: ClientData | None = None,
     transport: Transport | None = None,
+    launcher: int | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` to ``fed.rounds`` rounds (resuming from ``run_dir`` when it holds a
     checkpoint of the same run); returns the run summary.
 
-    Rank 0 locks the run dir before the other ranks start; an invalid config, damaged
+    Rank 0 locks the run dir before the other ranks start, unless the process ``launcher``
+    holds the lock for this run (``fedbat flower``: it must); an invalid config, damaged
     checkpoint or unusable run dir is a ConfigError, raised before anything is written
     (a run dir this left empty is removed).
     """
@@ -422,11 +424,18 @@ def run(
     threads = torch.get_num_threads()
     previous_usr1 = signal.signal(signal.SIGUSR1, slurm.STOP)
     try:
+        cap_rounds(cfg)
         validate(cfg)
         fabric = build_fabric(cfg)
         if fabric.global_rank == 0:
             rundir.prepare(run_dir)
-            lock.acquire()
+            if launcher is None:
+                lock.acquire()
+            elif (holder := lock.holder()) != launcher:
+                raise RunDirError(
+                    f"run_dir={run_dir}: its launcher (process {launcher}) does not hold it "
+                    f"(held by {holder or 'no one'})"
+                )
             rundir.remove_stale(run_dir)
             clientstore.remove_stale(run_dir)
         fabric.launch()

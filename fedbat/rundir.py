@@ -81,6 +81,23 @@ class RunDirLock:
         self.fd = fd
         return self
 
+    def holder(self) -> int | None:
+        """The process holding the lock (None: free), for a run whose launcher holds it."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            words = os.pread(fd, 512, 0).decode(errors="replace").split()
+            return int(words[1]) if len(words) > 1 and words[1].isdigit() else -1
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
     def release(self) -> None:
         if self.fd is None:
             return

@@ -34,6 +34,27 @@ def _offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_SILENT", "true")
 
 
+SLOW = "FEDBAT_SLOW_TESTS"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", f"slow: processes started anew (imports of several seconds each); {SLOW}=1"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Slow tests (subprocesses, real launches) run in a CI step of their own."""
+    if os.environ.get(SLOW):
+        return
+    skip = pytest.mark.skip(
+        reason=f"slow: {SLOW}=1 python -m pytest -m slow (.ci/run runs them after the suite)"
+    )
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """SLURM jobs start with the session, so their waiting overlaps the other tests."""
     if any(item.nodeid.startswith("tests/test_slurm.py") for item in session.items):

@@ -143,6 +143,7 @@ def wait_for(path: Path, proc: subprocess.Popen, limit: float = 60) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_second_run_in_the_same_dir_fails_at_once_naming_the_holder(tmp_path):
     run_dir = tmp_path / "run"
     long = [*PACED, "fed.rounds=500"]  # minutes of sleeping steps: the second comes in between
@@ -170,6 +171,7 @@ def test_stale_temporary_checkpoint_is_cleaned_up(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_sigterm_in_round_0_does_not_claim_a_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
@@ -187,6 +189,7 @@ def test_sigterm_in_round_0_does_not_claim_a_checkpoint(tmp_path):
     assert not (run_dir / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 def test_run_dir_gone_mid_run_is_one_line(tmp_path):
     """The run dir replaced by a file while the run goes on: the next write fails, in one
     line, exit 2."""

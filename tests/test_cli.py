@@ -21,6 +21,7 @@ def fedbat(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_train_with_overrides_writes_metrics(tmp_path):
     out = fedbat(
         "train",
@@ -41,6 +42,7 @@ def test_train_with_overrides_writes_metrics(tmp_path):
     assert "partition: dirichlet" in cfg and "downlink: none" in cfg
 
 
+@pytest.mark.slow
 def test_cfg_job_prints_resolved_config(tmp_path):
     out = fedbat(
         "train", "--cfg", "job", "data=fmnist", "model=cnn4", "compressor=topk", cwd=tmp_path
@@ -74,6 +76,7 @@ def test_unknown_names_fail_in_one_line(args, needle, capsys, tmp_path, monkeypa
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_missing_dataset_exits_2_with_one_line(tmp_path):
     out = fedbat("train", "data=cifar10", f"data.root={tmp_path / 'none'}", cwd=tmp_path)
     assert out.returncode == 2
@@ -97,6 +100,7 @@ def test_unknown_command():
     assert main(["trian"]) == 2
 
 
+@pytest.mark.slow
 def test_example_registers_its_own_model_and_dataset_on_every_rank(tmp_path):
     """examples/custom_model_and_data.py on 2 processes: each relaunched rank registers too."""
     script = Path(__file__).parent.parent / "examples" / "custom_model_and_data.py"
@@ -134,6 +138,7 @@ def _user_project(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "launcher",
     [
@@ -167,6 +172,7 @@ def test_runs_from_a_project_with_its_own_configs_and_compressors(tmp_path, laun
     assert list((project / "runs").glob("digits_mlp_fedbat/*/metrics.csv"))
 
 
+@pytest.mark.slow
 def test_train_help_explains_the_keys(tmp_path):
     out = fedbat("train", "--help", cwd=tmp_path)
     assert out.returncode == 0, out.stderr

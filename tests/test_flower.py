@@ -52,7 +52,16 @@ def test_compressors_import_without_lightning_hydra_wandb_matplotlib():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--supernodes", "0"], "--supernodes=0 --round-timeout=600: must be >= 1 and > 0"),
+        (["--supernodes", "0"], "--supernodes=0: must be in [1, 256] (each SuperNode"),
+        (["--supernodes", "10000"], "--supernodes=10000: must be in [1, 256]"),
+        (["--round-timeout", "nan"], "--round-timeout=nan: must be a number of seconds in"),
+        (["--round-timeout", "inf"], "--round-timeout=inf: must be a number of seconds in"),
+        (["--round-timeout", "0"], "--round-timeout=0: must be a number of seconds in"),
+        (
+            ["data.partition=label_count", "data.classes_per_client=11"],
+            "data.classes_per_client=11: must be in [1, 10] (the dataset's number of classes)",
+        ),
+        (["+fed.roundz=1"], "fed.roundz=1: no such key"),
         (["data.num_clients=5"], "data.num_clients=5: a deployment has one client per SuperNode"),
         (["compressor=nope"], "compressor=nope: unknown compressor option"),
         (["fed.clients_per_round=4"], "fed.clients_per_round=4: must be in [1, 3]"),
@@ -64,6 +73,8 @@ def test_bad_deployment_input_is_one_line_and_starts_nothing(tmp_path, capsys, a
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not run_dir.exists()
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
+    assert f"run_dir={run_dir}" not in ps and "flower-superlink" not in ps
 
 
 def test_a_held_run_dir_is_refused_before_any_process_starts(tmp_path, capsys):

@@ -147,6 +147,7 @@ TARGETS = [
 ]
 
 
+@pytest.mark.slow
 def test_cli_selects_task_and_datamodule_by_target_on_1_and_2_processes(tmp_path):
     common = [*TARGETS, *BASE, "+task.lr=0.5", "trainer.threads=1", "compressor=fedbat"]
     common += ["logger=wandb"]
@@ -165,6 +166,7 @@ def test_cli_selects_task_and_datamodule_by_target_on_1_and_2_processes(tmp_path
     assert b"val_acc" in run_file.read_bytes() and b"train_loss" in run_file.read_bytes()
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_module_it_cannot_honour_in_one_line(tmp_path):
     out = cli(*TARGETS, *BASE, "+task.optim=two", f"hydra.run.dir={tmp_path / 'r'}")
     assert out.returncode == 2
@@ -187,6 +189,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_fit_from_a_script_on_2_processes_equals_1(tmp_path):
     """Fabric re-runs the user's script for rank 1, which joins the same fit."""
     script = tmp_path / "train_mine.py"
@@ -218,6 +221,7 @@ def test_fit_from_a_script_on_2_processes_equals_1(tmp_path):
         assert torch.equal(v, b["server"]["global"][k]), k
 
 
+@pytest.mark.slow
 def test_a_datamodule_without_a_task_fails_in_one_line(tmp_path):
     out = cli(TARGETS[1], *BASE, f"hydra.run.dir={tmp_path / 'r'}")
     assert out.returncode == 2

@@ -15,6 +15,8 @@ from fedbat import checkpoint, clientstore
 from fedbat.loop import run
 from tests.conftest import make_cfg
 
+pytestmark = pytest.mark.slow  # every test starts processes: .ci/run's slow step
+
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 

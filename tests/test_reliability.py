@@ -53,6 +53,7 @@ def wait_for_rows(run_dir: Path, n: int, proc: subprocess.Popen, limit: float = 
     raise AssertionError(f"no {n} rounds: {proc.poll()} {proc.stderr and proc.stderr.read()}")
 
 
+@pytest.mark.slow
 def test_sigkill_mid_round_then_rerun_equals_uninterrupted(tmp_path):
     args = [*SLOW, "fed.rounds=10", "strategy=scaffold"]  # with every kind of state
     whole = tmp_path / "whole"
@@ -82,6 +83,7 @@ def test_sigkill_mid_round_then_rerun_equals_uninterrupted(tmp_path):
     assert all(torch.equal(v, kb[k]) for k, v in ka.items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("sig", "code", "named"),
     [(signal.SIGTERM, 143, "(SIGTERM)"), (signal.SIGINT, 130, "(SIGINT)")],
@@ -104,6 +106,7 @@ def test_sigterm_and_ctrl_c_exit_nonzero_with_intact_checkpoint(tmp_path, sig, c
     assert state["round"] >= 2 and len(metric_rows(run_dir)) >= state["round"]
 
 
+@pytest.mark.slow
 def test_sigusr1_finishes_the_round_checkpoints_and_stops(tmp_path):
     """SLURM's pre-emption signal, outside SLURM: the round in progress completes and is
     checkpointed (although checkpoint.every would not save it), exit 138."""

@@ -23,6 +23,7 @@ def test_fedbat_compresses_embeddings_and_attention():
     assert {"head.bias", "norm.weight", "blocks.0.norm1.weight"}.isdisjoint(compressed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compressor", ["fedbat"])  # the others: the digits tests
 def test_every_client_is_a_source_file_and_perplexity_falls(tmp_path, compressor):
     overrides = [f"compressor={compressor}", "fed.rounds=3", f"run_dir={tmp_path}"]

@@ -130,6 +130,7 @@ def test_plot_two_real_runs(tmp_path):
     assert main(["plot", str(tmp_path / "nothing")]) == 2
 
 
+@pytest.mark.slow
 def test_multirun_sweep_grouped_then_plotted(tmp_path):
     sweep = tmp_path / "sweep"
     out = subprocess.run(
@@ -185,6 +186,7 @@ def test_switching_a_csv_run_to_wandb_replays_its_history(tmp_path):
         assert got["vs_uplink_bits/test/acc"] == row["test/acc"]
 
 
+@pytest.mark.slow
 def test_version_and_the_line_a_finished_run_ends_with(tmp_path, capsys):
     from tests.test_cli import fedbat
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each test is a fresh fedbat process: .ci/run's slow step
+
 
 def closed_port() -> int:
     with socket.socket() as s:

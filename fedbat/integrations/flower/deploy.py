@@ -11,17 +11,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from fedbat.integrations.flower import watchdog
+from fedbat.rundir import RunDirLock
 
 APP_TOML = """[build-system]
 requires = ["setuptools>=68"]
@@ -43,6 +50,8 @@ clientapp = "fedbat.integrations.flower.client_app:app"
 
 [tool.flwr.app.config]
 round-timeout = {timeout}
+launcher = {launcher}
+error-file = {error_file}
 config = {config}
 """
 
@@ -69,8 +78,10 @@ def job_config(overrides: list[str], supernodes: int) -> DictConfig:
     most all of them a round unless ``fed.clients_per_round`` is given), and a run dir under
     ``runs/flower/`` unless ``run_dir`` is given."""
     from fedbat.cli import compose
+    from fedbat.config import cap_rounds
 
     cfg = compose(overrides)
+    cap_rounds(cfg)
     if cfg.data.num_clients != supernodes and any(
         o.startswith("data.num_clients=") for o in overrides
     ):
@@ -92,24 +103,38 @@ def job_config(overrides: list[str], supernodes: int) -> DictConfig:
     return cfg
 
 
-def check_run_dir(cfg: DictConfig) -> None:
-    """Fail before any process starts where the ServerApp would: a run dir that cannot be
-    written or is held by another run, a checkpoint of another job. A dir created only for
+def preflight(cfg: DictConfig) -> RunDirLock:
+    """Everything the ServerApp would find wrong, found before any process starts: the run
+    dir (unwritable, held by another run, a checkpoint of another job) and the job itself
+    (its data, partition, task and training step are built once here). Returns the run
+    dir's lock, which the launcher holds for the whole deployment; a dir created only for
     this check is removed again."""
+    import torch
+
     from fedbat import rundir
+    from fedbat.contract import ServerSchedule, check_training_step
     from fedbat.errors import ConfigError
-    from fedbat.loop import resume_state
+    from fedbat.loop import build_datamodule, build_task, resume_state
 
     run_dir = Path(cfg.run_dir)
     created = not run_dir.exists()
     rundir.prepare(run_dir)
+    lock = rundir.RunDirLock(run_dir)
     try:
-        with rundir.RunDirLock(run_dir):
-            resume_state(cfg, run_dir)
+        lock.acquire()
+        resume_state(cfg, run_dir)
+        data = build_datamodule(cfg)
+        task = build_task(cfg, data)
+        ServerSchedule(task)
+        batches = data.client_batches(0, cfg.fed.batch_size, torch.Generator(), "cpu")
+        if (batch := next(iter(batches), None)) is not None:
+            check_training_step(task, batch)
     except ConfigError:
+        lock.release()
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    return lock
 
 
 def free_port() -> int:
@@ -118,49 +143,90 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_listening(port: int, proc: subprocess.Popen, what: str, log: Path) -> None:
+class PortTaken(RuntimeError):
+    """Another process bound the port between our choosing it and the SuperLink binding it."""
+
+
+def wait_serving(port: int, proc: subprocess.Popen, what: str, log: Path) -> None:
+    """Until ``proc`` itself serves on ``port`` (its log says so: a squatter answering on
+    the port does not count)."""
+    serving = f"running on http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
+        text = log.read_text(errors="replace") if log.is_file() else ""
+        if serving in text:
+            return
         if proc.poll() is not None:
+            if "address already in use" in text.lower() or "errno 98" in text.lower():
+                raise PortTaken(f"127.0.0.1:{port} is in use by another process")
             raise RuntimeError(f"{what} exited with {proc.returncode}: {tail(log)}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within 60 s")
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} did not serve on 127.0.0.1:{port} within 60 s: {tail(log)}")
 
 
 def tail(log: Path, lines: int = 5) -> str:
-    text = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
-    return " | ".join(text[-lines:])
+    """The last ``lines`` of a log, on one line, without terminal colour codes."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    return " | ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).strip().splitlines()[-lines:])
+
+
+def _die_with_parent() -> None:
+    """In a child, before exec: SIGKILL when the launcher dies (Linux's PR_SET_PDEATHSIG),
+    besides the guard (``watchdog.py``), which reaches the grandchildren too."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass  # not Linux: the guard alone
 
 
 class Deployment:
-    """The SuperLink and SuperNodes of one local deployment, each its own process group."""
+    """The SuperLink and SuperNodes of one local deployment, each its own process group,
+    every process marked for the guard."""
 
     def __init__(self, supernodes: int, work: Path) -> None:
         self.work, self.n, self.procs = work, supernodes, {}
-        self.port = free_port()
+        self.token = secrets.token_hex(8)
+        self.guard = subprocess.Popen(
+            [sys.executable, "-m", "fedbat.integrations.flower.watchdog", self.token],
+            stdin=subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
 
-    def start(self) -> None:
-        host = ["--insecure", "--host", "127.0.0.1", "--port", str(self.port)]
-        link = self._spawn(
-            "superlink", ["flower-superlink", *host, "--disable-runtime-dependency-installation"]
-        )
-        wait_listening(self.port, link, "the SuperLink", self.work / "superlink.log")
+    def start(self, tries: int = 3) -> None:
+        for attempt in range(tries):
+            self.port = free_port()
+            host = ["--insecure", "--host", "127.0.0.1", "--port", str(self.port)]
+            link = self._spawn(
+                "superlink",
+                ["flower-superlink", *host, "--disable-runtime-dependency-installation"],
+            )
+            try:
+                wait_serving(self.port, link, "the SuperLink", self.work / "superlink.log")
+                break
+            except PortTaken:
+                link.wait()
+                if attempt + 1 == tries:
+                    raise
         for i in range(self.n):
             node_config = f"partition-id={i} num-partitions={self.n}"
             link_at = ["--insecure", "--superlink", f"127.0.0.1:{self.port}"]
             own = ["--port", str(free_port()), "--node-config", node_config]
             self._spawn(f"supernode-{i}", ["flower-supernode", *link_at, *own])
 
+    def env(self, home: Path) -> dict[str, str]:
+        return os.environ | {
+            "FLWR_HOME": str(home),
+            "PYTHONUNBUFFERED": "1",
+            watchdog.MARK: self.token,
+        }
+
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         home = self.work / name
         home.mkdir(exist_ok=True)
-        env = os.environ | {"FLWR_HOME": str(home), "PYTHONUNBUFFERED": "1"}
         log = open(self.work / f"{name}.log", "w")  # noqa: SIM115  (the process keeps it)
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(cmd, env=self.env(home), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
         self.procs[name] = proc
         return proc
 
@@ -172,43 +238,52 @@ class Deployment:
             '[superlink]\ndefault = "local"\n\n[superlink.local]\n'
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
         )
-        env = os.environ | {"FLWR_HOME": str(home), "PYTHONUNBUFFERED": "1"}
         cmd = ["flwr", "run", str(app), "local", "--stream"]
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(cmd, env=self.env(home), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                preexec_fn=_die_with_parent)  # fmt: skip
         self.procs["flwr-run"] = proc
         return proc
 
     def stop(self) -> None:
-        """SIGTERM to every process of the deployment and their descendants (Flower's
-        SuperExec runs the apps in sessions of their own), then SIGKILL what is left after
-        10 s: the ServerApp holds the run dir until it exits."""
-        pids = descendants([p.pid for p in self.procs.values()])
+        """SIGTERM to every process of the deployment (all that hold its mark, wherever
+        Flower's SuperExec started them), then SIGKILL what is left after 10 s: the ServerApp
+        holds the run dir until it exits. Then the guard, its pipe closed, finds none."""
+        pids = watchdog.marked(self.token)
         for pid in pids:
             _signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
         while (alive := [p for p in pids if _running(p)]) and time.monotonic() < deadline:
             time.sleep(0.1)
-        for pid in alive:
-            _signal(pid, signal.SIGKILL)
+        watchdog.kill_marked(self.token)
         for proc in self.procs.values():
             proc.wait()
         while any(_running(p) for p in alive) and time.monotonic() < deadline + 5:
             time.sleep(0.1)
+        assert self.guard.stdin is not None
+        self.guard.stdin.close()
+        self.guard.wait()
 
 
-def descendants(roots: list[int]) -> list[int]:
-    """``roots`` and every process below them (from ``ps``: Linux and macOS)."""
-    table = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
-    children: dict[int, list[int]] = {}
-    for line in table.splitlines():
-        pid, ppid = (int(v) for v in line.split())
-        children.setdefault(ppid, []).append(pid)
-    out, stack = [], list(roots)
-    while stack:
-        out.append(pid := stack.pop())
-        stack += children.get(pid, [])
-    return out
+class Watch(threading.Thread):
+    """While the run streams: end it (by stopping ``flwr run``) as soon as the ServerApp
+    reports an error or the SuperLink exits, instead of waiting for Flower to notice."""
+
+    def __init__(self, deployment: Deployment, run: subprocess.Popen, error_file: Path) -> None:
+        super().__init__(daemon=True)
+        self.deployment, self.run_proc, self.error_file = deployment, run, error_file
+        self.problem = ""
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        link = self.deployment.procs["superlink"]
+        while not self.done.wait(0.5) and self.run_proc.poll() is None:
+            if link.poll() is not None:
+                log = self.deployment.work / "superlink.log"
+                self.problem = f"the SuperLink exited with {link.returncode}: {tail(log, 2)}"
+            if self.problem or self.error_file.is_file():
+                _signal(self.run_proc.pid, signal.SIGTERM)
+                return
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -230,29 +305,47 @@ def _running(pid: int) -> bool:
 
 def write_app(cfg: DictConfig, timeout: float, where: Path) -> Path:
     """The Flower app to submit: only its pyproject.toml (the code is the installed fedbat),
-    with the job's resolved config as a run-config value."""
+    with the job's resolved config, this launcher's pid (it holds the run dir) and the file
+    the ServerApp reports an error in, as run-config values."""
     from fedbat import __version__
 
     app = where / "app"
     app.mkdir()
     config = json.dumps(OmegaConf.to_yaml(cfg, resolve=True))  # a valid TOML basic string
     (app / "pyproject.toml").write_text(
-        APP_TOML.format(version=__version__, timeout=timeout, config=config)
+        APP_TOML.format(
+            version=__version__,
+            timeout=timeout,
+            launcher=os.getpid(),
+            error_file=json.dumps(str(where / ERROR_FILE)),
+            config=config,
+        )
     )
     return app
+
+
+ERROR_FILE = "server-error.txt"
+MAX_SUPERNODES = 256  # each a process or two on this host: fedbat train simulates more
+
+
+def check_args(ns: argparse.Namespace) -> str | None:
+    if not 1 <= ns.supernodes <= MAX_SUPERNODES:
+        return (
+            f"--supernodes={ns.supernodes}: must be in [1, {MAX_SUPERNODES}] (each SuperNode "
+            "is a process here; fedbat train simulates any number of clients)"
+        )
+    if not (math.isfinite(ns.round_timeout) and 0 < ns.round_timeout <= 86400):
+        return f"--round-timeout={ns.round_timeout:g}: must be a number of seconds in (0, 86400]"
+    return None
 
 
 def main(argv: list[str]) -> int:
     from fedbat.cli import fail, prevalidate
     from fedbat.errors import ConfigError
-    from fedbat.train import done_line
 
     ns, overrides = parse(argv)
-    if ns.supernodes < 1 or ns.round_timeout <= 0:
-        return fail(
-            f"--supernodes={ns.supernodes} --round-timeout={ns.round_timeout:g}: "
-            "must be >= 1 and > 0"
-        )
+    if problem := check_args(ns):
+        return fail(problem)
     if shutil.which("flower-superlink") is None:
         return fail('flower: Flower is not installed; pip install "fedbat[flower]"')
     given = any(o.startswith("fed.clients_per_round=") for o in overrides)
@@ -262,11 +355,21 @@ def main(argv: list[str]) -> int:
         return fail(problem)
     try:
         cfg = job_config(overrides, ns.supernodes)
-        check_run_dir(cfg)
+        lock = preflight(cfg)
     except ConfigError as err:
         return fail(str(err))
+    try:  # the run dir stays held until every process of the deployment has stopped
+        return deploy(cfg, ns.supernodes, ns.round_timeout)
+    finally:
+        lock.release()
+
+
+def deploy(cfg: DictConfig, supernodes: int, timeout: float) -> int:
+    """Start the deployment, stream the run, stop everything; the exit code."""
+    from fedbat.train import done_line
+
     work = Path(tempfile.mkdtemp(prefix="fedbat-flower-"))
-    deployment = Deployment(ns.supernodes, work)
+    deployment = Deployment(supernodes, work)
     started = time.time()
 
     def on_sigterm(signum: int, frame: object) -> None:
@@ -276,26 +379,29 @@ def main(argv: list[str]) -> int:
     code = 1
     try:
         deployment.start()
-        run = deployment.submit(write_app(cfg, ns.round_timeout, work))
+        run = deployment.submit(write_app(cfg, timeout, work))
+        watch = Watch(deployment, run, work / ERROR_FILE)
+        watch.start()
         assert run.stdout is not None
-        error = ""
         with open(work / "run.log", "w") as log:  # the run's whole stream, for a failure
             for line in run.stdout:
                 log.write(line)
-                if line.startswith("fedbat: error:"):
-                    error = line
-                    print(line, end="", file=sys.stderr, flush=True)
-                elif line.startswith(("fedbat:", "round ", "resuming")):
+                if line.startswith(("fedbat:", "round ", "resuming")) and not line.startswith(
+                    "fedbat: error:"
+                ):
                     print(line, end="", flush=True)
         run.wait()
+        watch.done.set()
+        watch.join()
         summary_path = Path(cfg.run_dir) / "summary.json"
+        if (work / ERROR_FILE).is_file():  # the ServerApp stopped, and said why
+            print((work / ERROR_FILE).read_text().strip(), file=sys.stderr)
+            return 2
         if summary_path.is_file() and summary_path.stat().st_mtime >= started:
             print(done_line(json.loads(summary_path.read_text()), cfg.run_dir))
             code = 0
-        elif error:  # the ServerApp refused the job, and said why in one line
-            return 2
         else:
-            why = tail(work / "run.log", 3)
+            why = watch.problem or tail(work / "run.log", 3)
             print(f"fedbat: error: the Flower run did not finish ({why}); logs in {work}",
                   file=sys.stderr)  # fmt: skip
             return 1

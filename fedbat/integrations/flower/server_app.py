@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -22,11 +23,12 @@ from omegaconf import OmegaConf
 
 from fedbat.client import ClientResult
 from fedbat.downlink import Delivery, encode_full
-from fedbat.errors import ConfigError
+from fedbat.errors import ConfigError, PeerLost
 from fedbat.integrations.flower.protocol import RECORD, failed, result_from_record
 from fedbat.loop import Federation, run
 
 app = ServerApp()
+POLL_S = 0.2  # between pulls of a round's replies (Flower's own send_and_receive waits 3 s)
 
 
 def message_bytes(message: Message) -> int:
@@ -61,12 +63,10 @@ class FlowerTransport:
             )
         self.sent = {"flower/uplink_bytes": 0, "flower/downlink_bytes": 0}
         self.sent["flower/downlink_bytes"] = sum(map(message_bytes, messages.values()))
-        by_node = {node: c for c, node in self.nodes.items()}
-        replies = self.grid.send_and_receive(messages.values(), timeout=self.round_timeout)
-        for reply in replies:
-            client = by_node.get(reply.metadata.src_node_id)
-            if client not in messages:
-                continue
+        replies, lost = self._exchange(messages)
+        for client, why in lost.items():
+            results[client] = failed(client, why)
+        for client, reply in replies.items():
             if reply.has_error():
                 results[client] = failed(client, f"client error: {reply.error.reason[:300]}")
                 continue
@@ -75,9 +75,6 @@ class FlowerTransport:
             if res.ok:
                 self.sent["flower/uplink_bytes"] += message_bytes(reply)
             results[client] = res
-        for client in messages:
-            if client not in results:
-                results[client] = failed(client, f"no reply within {self.round_timeout:g} s")
         for client, res in results.items():
             if not res.ok:  # what it holds is unknown now: the full model next time
                 fed.downlink.version[client] = -1
@@ -85,6 +82,37 @@ class FlowerTransport:
 
     def round_metrics(self) -> dict[str, float]:
         return dict(self.sent)
+
+    def _exchange(self, messages: dict[int, Message]) -> tuple[dict[int, Message], dict[int, str]]:
+        """Push the round's messages, then pull replies until every client has replied, the
+        round timeout has passed, or Flower reports the node of every client still awaited
+        offline (a SuperNode that died is not waited for). A reply counts only from the node
+        the message went to. Returns the replies and, per client without one, why."""
+        pushed = list(self.grid.push_messages(list(messages.values())))
+        pushed += [None] * (len(messages) - len(pushed))  # none at all: too large for it
+        pairs = list(zip(pushed, messages, strict=True))
+        lost = {c: "the SuperLink did not take its message" for i, c in pairs if i is None}
+        waiting = {i: c for i, c in pairs if i is not None}
+        replies: dict[int, Message] = {}
+        deadline = time.monotonic() + self.round_timeout
+        while waiting:
+            for reply in self.grid.pull_messages(list(waiting)):
+                client = waiting.get(reply.metadata.reply_to_message_id)
+                if client is not None and reply.metadata.src_node_id == self.nodes[client]:
+                    replies[client] = reply
+                    del waiting[reply.metadata.reply_to_message_id]
+            if not waiting:
+                break
+            online = set(self.grid.get_node_ids())
+            for i, client in list(waiting.items()):
+                if self.nodes[client] not in online:
+                    lost[client] = "its SuperNode went offline"
+                    del waiting[i]
+            if time.monotonic() >= deadline:
+                lost |= {c: f"no reply within {self.round_timeout:g} s" for c in waiting.values()}
+                break
+            time.sleep(POLL_S)
+        return replies, lost
 
     @staticmethod
     def _common(fed: Federation, full: bool) -> dict:
@@ -141,10 +169,24 @@ class FlowerTransport:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    """fedbat's loop over this grid. What ends it early is one line, printed and written to
+    the run config's ``error-file`` (Flower's log stream does not carry a ServerApp's
+    stderr), where ``fedbat flower`` reads it."""
     cfg = OmegaConf.create(str(context.run_config["config"]))
     timeout = float(context.run_config.get("round-timeout", 600))
+    launcher = int(context.run_config.get("launcher", 0)) or None  # it holds the run dir
     try:
-        run(cfg, transport=FlowerTransport(grid, timeout))
-    except ConfigError as err:
-        print(f"fedbat: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        run(cfg, transport=FlowerTransport(grid, timeout), launcher=launcher)
+    except (ConfigError, PeerLost) as err:
+        _report(context, f"fedbat: error: {err}")
+        raise SystemExit(2 if isinstance(err, ConfigError) else 1) from None
+    except Exception as err:
+        _report(context, f"fedbat: error: the ServerApp failed: {type(err).__name__}: {err}")
+        raise
+
+
+def _report(context: Context, line: str) -> None:
+    line = " ".join(line.split())[:1000]
+    print(line, file=sys.stderr, flush=True)
+    if path := str(context.run_config.get("error-file", "")):
+        Path(path).write_text(line + "\n")
