@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatch
 
@@ -76,24 +76,34 @@ def wire_plan(
     modules: Sequence[type[nn.Module]] = COMPRESSIBLE,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    frozen: Collection[str] = (),
 ) -> list[TensorSpec]:
-    """The compression policy: the ``weight`` of every module of the ``modules`` types, and
-    every parameter whose name matches an ``include`` pattern (fnmatch), unless it matches
-    an ``exclude`` pattern or has fewer than ``min_numel`` elements, is compressed;
-    everything else in the state dict (BN, biases, buffers, small tensors) travels raw.
+    """The tensors that travel each round, and which of them are compressed.
 
-    >>> plan = wire_plan(nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 50)), 100, [nn.Embedding])
-    >>> [(s.name, s.compressed) for s in plan]
+    Only what trains travels: a parameter with ``requires_grad=False`` and the tensors named
+    in ``frozen`` (buffers that local training leaves as they are) stay where the model a
+    client first receives put them (:func:`frozen_specs`). Of the rest, the ``weight`` of
+    every module of the ``modules`` types, and every parameter whose name matches an
+    ``include`` pattern (fnmatch), unless it matches an ``exclude`` pattern or has fewer than
+    ``min_numel`` elements, is compressed; everything else (BN, biases, buffers, small
+    tensors) travels raw, in its own dtype.
+
+    >>> net = nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 50))
+    >>> [(s.name, s.compressed) for s in wire_plan(net, 100, [nn.Embedding])]
     [('0.weight', True), ('1.weight', False), ('1.bias', False)]
+    >>> _ = net[0].requires_grad_(False)  # a frozen embedding
+    >>> [s.name for s in wire_plan(net, 100, [nn.Embedding])]
+    ['1.weight', '1.bias']
     """
+    params = dict(model.named_parameters())
+    stay = set(frozen) | {n for n, p in params.items() if not p.requires_grad}
     chosen = {
         f"{mod_name}.weight" if mod_name else "weight"
         for mod_name, mod in model.named_modules()
         if isinstance(mod, tuple(modules))
         and isinstance(getattr(mod, "weight", None), torch.Tensor)
     }
-    chosen |= {n for n, _ in model.named_parameters() if any(fnmatch(n, p) for p in include)}
-    params = dict(model.named_parameters())
+    chosen |= {n for n in params if any(fnmatch(n, p) for p in include)}
     compressible = {
         n
         for n in chosen
@@ -105,6 +115,18 @@ def wire_plan(
     return [
         TensorSpec(name, t.shape, t.dtype, name in compressible)
         for name, t in model.state_dict().items()
+        if name not in stay
+    ]
+
+
+def frozen_specs(model: nn.Module, plan: list[TensorSpec]) -> list[TensorSpec]:
+    """The model's tensors that ``plan`` leaves out: they travel once, raw, in the full model
+    a client first receives."""
+    travel = {s.name for s in plan}
+    return [
+        TensorSpec(name, t.shape, t.dtype, False)
+        for name, t in model.state_dict().items()
+        if name not in travel
     ]
 
 

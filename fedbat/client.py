@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -32,6 +32,7 @@ from fedbat.contract import (
     optimization,
     training_loss,
 )
+from fedbat.errors import ConfigError
 from fedbat.seeding import derive_seed, generator
 from fedbat.strategies import Strategy
 
@@ -130,7 +131,8 @@ def train_client(
     preencoded = {k: v for h in hooks for k, v in h.finalize().items()}
     train_loss = float(loss_sum) / max(cfg.steps(n), 1)
     state = task.state_dict()
-    update = {k: (state[k].detach().cpu() - held[k]) for k in held}
+    update = {s.name: state[s.name].detach().cpu() - held[s.name] for s in plan}
+    _check_frozen(state, held, update)
     if not math.isfinite(train_loss) or not all(all_finite(u.float()) for u in update.values()):
         why = f"non-finite local training (loss {train_loss})"
         return ClientResult(client, b"", 0, n, train_loss, 0.0, {}, why)
@@ -155,6 +157,20 @@ def train_client(
         logs=logs,
         state=new_state,
     )
+
+
+def _check_frozen(
+    state: dict[str, torch.Tensor], held: dict[str, torch.Tensor], travel: Mapping[str, object]
+) -> None:
+    """Frozen tensors never travel after the first model, so one that local training changed
+    would silently lose the change: that is refused, naming it."""
+    for name, value in held.items():
+        if name not in travel and not torch.equal(state[name].detach().cpu(), value):
+            raise ConfigError(
+                f"task: {name} changed in local training although it is frozen (a parameter "
+                "with requires_grad=False, or a buffer the first training step left alone); "
+                f"give it requires_grad=True, or policy.travel=[{name}] for a buffer"
+            )
 
 
 def _local_epochs(

@@ -130,7 +130,7 @@ def validate(cfg: DictConfig) -> None:
     if f.get("max_update_ratio") is not None:
         check_range("fed.max_update_ratio", f.max_update_ratio, 0.0, 1e30, low_open=True)
     check_range("policy.min_numel", cfg.policy.min_numel, 0, BIG, integer=True)
-    for key in ("modules", "include", "exclude"):
+    for key in ("modules", "include", "exclude", "travel"):
         if not isinstance(cfg.policy[key], ListConfig | list):
             raise ConfigError(
                 f"policy.{key}={cfg.policy[key]!r}: must be a list, e.g. policy.{key}=[Linear]"

@@ -191,14 +191,22 @@ def training_loss(output: Any) -> torch.Tensor:
     return output
 
 
-def check_training_step(module: nn.Module, batch: Any) -> None:
-    """Run ``training_step`` once on ``batch``, on a copy and without touching any random
-    state, so that a step that cannot be trained (returning None) fails before a run writes
-    anything."""
+def probe_training_step(module: nn.Module, batch: Any) -> set[str]:
+    """Run ``training_step`` once on ``batch`` (with the training hooks before it), on a copy
+    and without touching any random state, so that a step that cannot be trained (returning
+    None) fails before a run writes anything. Returns the buffers the step changed (BN
+    statistics, counters): the others are frozen, as parameters without gradients are."""
     probe = copy.deepcopy(module)
     LogCollector().attach(probe)
+    before = {n: b.clone() for n, b in probe.named_buffers()}
     with torch.random.fork_rng(devices=[]), torch.no_grad():
+        probe.train()
+        for hook in ("on_train_start", "on_train_epoch_start"):
+            call_hook(probe, hook)
+        call_hook(probe, "on_train_batch_start", batch, 0)
         training_loss(probe.training_step(batch, 0))
+    after = dict(probe.named_buffers())
+    return {n for n, b in before.items() if not torch.equal(b, after[n])}
 
 
 class LogCollector:

@@ -106,9 +106,10 @@ class Downlink:
 def apply_broadcast(
     held: dict[str, torch.Tensor], decoded: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """The weights a client holds after one broadcast: the server and every client apply
-    it with these very operations, so they hold the same bits."""
-    return {k: held[k] + decoded[k].to(held[k].dtype) for k in held}
+    """The weights a client holds after one broadcast (which leaves frozen tensors out):
+    the server and every client apply it with these very operations, so they hold the same
+    bits."""
+    return {k: held[k] + decoded[k].to(held[k].dtype) if k in decoded else held[k] for k in held}
 
 
 def encode_full(state: dict[str, torch.Tensor], plan: list[TensorSpec]) -> Packet:

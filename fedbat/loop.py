@@ -15,6 +15,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,9 +29,9 @@ from fedbat.accounting import BitCounter
 from fedbat.client import ClientData, ClientResult, LocalTraining, train_client
 from fedbat.clientstore import ClientStore
 from fedbat.compressors import ErrorFeedback, TensorSpec, build_pair, wire_plan
-from fedbat.compressors.packet import module_types
+from fedbat.compressors.packet import frozen_specs, module_types
 from fedbat.config import cap_rounds, check_resumable, validate
-from fedbat.contract import ServerSchedule, check_training_step, evaluate
+from fedbat.contract import ServerSchedule, evaluate, probe_training_step
 from fedbat.datamodules import FederatedDataModule
 from fedbat.datamodules.dataset import from_datamodule
 from fedbat.downlink import Delivery, Downlink, encode_full
@@ -99,10 +100,43 @@ def build_task(cfg: DictConfig, dm: ClientData) -> L.LightningModule:
     return ClassificationTask(model, dm.num_classes, f.lr, f.momentum, f.weight_decay)
 
 
-def build_plan(cfg: DictConfig, task: torch.nn.Module) -> list[TensorSpec]:
-    """The wire plan of ``policy``: which of the task's tensors are compressed."""
+def build_plan(cfg: DictConfig, task: torch.nn.Module, data: ClientData) -> list[TensorSpec]:
+    """The wire plan of ``policy``: which of the task's tensors travel and which of those are
+    compressed. Only what trains travels: parameters with gradients, and the buffers that a
+    training step (on a copy, on client 0's first batch) changes or ``policy.travel`` names;
+    that step also refuses a ``training_step`` that cannot be trained, before any work."""
     p = cfg.policy
-    return wire_plan(task, p.min_numel, module_types(p.modules), list(p.include), list(p.exclude))
+    batches = data.client_batches(0, cfg.fed.batch_size, torch.Generator(), _device(task))
+    batch = next(iter(batches), None)
+    buffers = {n for n, _ in task.named_buffers()}
+    changed = probe_training_step(task, batch) if batch is not None else buffers
+    frozen = {n for n in buffers - changed if not any(fnmatch(n, t) for t in p.travel)}
+    modules = module_types(p.modules)
+    return wire_plan(task, p.min_numel, modules, list(p.include), list(p.exclude), frozen)
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    return next((t.device for t in module.state_dict().values()), torch.device("cpu"))
+
+
+def describe_plan(plan: list[TensorSpec], task: torch.nn.Module) -> str | None:
+    """The line a run starts with when some of its tensors are frozen (None when all travel).
+
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 300), torch.nn.Linear(300, 2))
+    >>> _ = net[0].requires_grad_(False)
+    >>> describe_plan(wire_plan(net), net)
+    'fedbat: 2 tensors travel (602 elements, 1 compressed); 2 frozen stay (1,500 elements: ...)'
+    """
+    frozen = frozen_specs(task, plan)
+    if not frozen:
+        return None
+    moving = sum(s.numel for s in plan)
+    return (
+        f"fedbat: {len(plan)} tensors travel ({moving:,} elements, "
+        f"{sum(s.compressed for s in plan)} compressed); {len(frozen)} frozen stay "
+        f"({sum(s.numel for s in frozen):,} elements: requires_grad=False, or buffers a "
+        "training step leaves alone; sent once, in the model a client first receives)"
+    )
 
 
 def build_datamodule(cfg: DictConfig) -> ClientData:
@@ -213,7 +247,8 @@ class Federation:
         if fabric.world_size > 1:  # a module built by the user's script: rank 0's weights
             self.task.load_state_dict(fabric.broadcast(self.task.state_dict(), src=0))
         self.task = self.task.to(fabric.device)
-        self.plan = build_plan(cfg, self.task)
+        self.schedule = ServerSchedule(copy.deepcopy(self.task))  # checks the contract too
+        self.plan = build_plan(cfg, self.task, self.dm)
         self.uplink, downlink = build_pair(OmegaConf.to_container(cfg.compressor, resolve=True))
         self.server = Server(
             self.task,
@@ -227,7 +262,7 @@ class Federation:
             self.dm.num_clients,
         )
         held = self.server.held | self.server.held_extra
-        self.downlink = Downlink(self.dm.num_clients, encode_full(held, self.server.packet_plan))
+        self.downlink = Downlink(self.dm.num_clients, encode_full(held, self.server.full_plan))
         self.error_feedback = self.uplink.error_feedback and not self.uplink.lossless
         self.store = ClientStore(cfg.run_dir, self.dm.num_clients, self._state_template())
         self.bits = BitCounter()
@@ -240,10 +275,6 @@ class Federation:
         self.comm_s = 0.0  # cumulative simulated communication time
         self.history: list[dict[str, float]] = []
         self.local = LocalTraining(f.local_epochs, f.batch_size, cfg.seed, fabric.device, fabric)
-        self.schedule = ServerSchedule(copy.deepcopy(self.task))  # checks the contract too
-        first = self.dm.client_batches(0, f.batch_size, torch.Generator(), fabric.device)
-        if (batch := next(iter(first), None)) is not None:
-            check_training_step(self.task, batch)
 
     def _state_template(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
         """What a client's stored state may hold: its residuals (one fp32 tensor per
@@ -479,6 +510,8 @@ def _train(
     f = cfg.fed
     resumed = resume_state(cfg, run_dir)
     fed = Federation(cfg, fabric, task, data, transport)
+    if line := describe_plan(fed.plan, fed.task):
+        fabric.print(line)
     start, wandb_id, saved = 0, None, None
     if resumed is not None:
         try:

@@ -23,6 +23,7 @@ from fedbat.compressors import (
     encode_update,
 )
 from fedbat.compressors.base import all_finite
+from fedbat.compressors.packet import frozen_specs
 from fedbat.downlink import apply_broadcast
 from fedbat.errors import PacketError
 from fedbat.seeding import DOWNLINK, generator
@@ -72,13 +73,15 @@ class Server:
         num_clients: int = 1,
     ) -> None:
         self.model = copy.deepcopy(task).cpu().requires_grad_(False)
-        self.params = dict(self.model.named_parameters())
+        travel = {s.name for s in plan}  # what the strategy moves: frozen tensors never move
+        self.params = {n: p for n, p in self.model.named_parameters() if n in travel}
         self.plan, self.uplink, self.downlink, self.seed = plan, uplink, downlink, seed
         self.max_update_ratio = max_update_ratio
         self.weight_batch_size = weight_batch_size  # set: weigh clients by batches, not samples
         self.strategy = strategy if strategy is not None else build_strategy("fedavg")
         self.strategy.setup(self.params, num_clients)
         self.packet_plan = plan + self.strategy.extra_plan(plan)  # both directions
+        self.full_plan = self.packet_plan + frozen_specs(self.model, plan)  # the whole model
         # what a client's training hook encodes: checked against what honest training gives
         self.learned = frozenset(s.name for s in plan if s.compressed and uplink.learns)
         self.held = self.global_state()
@@ -170,7 +173,7 @@ class Server:
         dropped, so ``w_hat`` tracks the global model; without it ``w_hat`` drifts away.
         """
         state = self.global_state() | self.strategy.broadcast_state()
-        delta = {k: state[k] - self.previous[k] for k in state}
+        delta = {s.name: state[s.name] - self.previous[s.name] for s in self.packet_plan}
         self.previous = state
         gen = generator(self.seed, round_idx, DOWNLINK)
         plan = self.packet_plan

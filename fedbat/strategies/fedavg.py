@@ -53,7 +53,8 @@ class ProximalTerm(ClientHook):
 
     def __init__(self, model: nn.Module, held: Mapping[str, torch.Tensor], mu: float) -> None:
         self.model, self.mu = model, mu
-        self.names = [n for n, _ in model.named_parameters()]  # before any parametrization
+        # before any parametrization; a frozen parameter adds only a constant
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         device = next(model.parameters()).device
         self.anchor = {n: held[n].to(device) for n in self.names}
 

@@ -45,7 +45,8 @@ class ControlVariates(ClientHook):
     ) -> None:
         self.model = model
         device = next(model.parameters()).device
-        self.c = {n: server_c[PREFIX + n] for n, _ in model.named_parameters()}
+        names = [k.removeprefix(PREFIX) for k in server_c if k.startswith(PREFIX)]
+        self.c = {n: server_c[PREFIX + n] for n in names}  # the travelling parameters only
         self.c_i = {n: client_c.get(PREFIX + n, torch.zeros_like(c)) for n, c in self.c.items()}
         self.correction = {n: (self.c[n] - self.c_i[n]).to(device) for n in self.c}
         self.lr_sum = 0.0

@@ -128,3 +128,26 @@ class PacedClassifier(LitClassifier):
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         time.sleep(float(os.environ.get("FEDBAT_TEST_PACE", "0")))
+
+
+class FrozenBackbone(LitClassifier):
+    """Fine-tuning as users write it: a "pretrained" backbone frozen (requires_grad=False,
+    left in train mode, so its BatchNorm statistics still move), a constant buffer, and a
+    trainable head; the optimizer holds only the trainable parameters."""
+
+    def __init__(self, lr: float = 0.5) -> None:
+        super().__init__(lr=lr)
+        self.backbone = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 256)
+        )
+        self.backbone.requires_grad_(False)
+        self.register_buffer("scale", torch.full((256,), 0.5))  # never changes
+        self.head = nn.Linear(256, 10)
+        del self.net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.backbone(x)) * self.scale)
+
+    def configure_optimizers(self):
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.SGD(trainable, lr=self.hparams.lr)

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedbat.client import ClientData, LocalTraining, train_client
 from fedbat.compressors import Compressor, ErrorFeedback, TensorSpec, build_pair, decode_update
+from fedbat.compressors.packet import frozen_specs
 from fedbat.contract import ServerSchedule
 from fedbat.downlink import FULL, apply_broadcast
 from fedbat.integrations.flower.protocol import (
@@ -50,6 +51,7 @@ class ClientSide:
     task: L.LightningModule
     plan: list[TensorSpec]
     packet_plan: list[TensorSpec]
+    full_plan: list[TensorSpec]  # the model a client first receives, frozen tensors too
     uplink: Compressor
     downlink: Compressor
     strategy: Strategy
@@ -66,16 +68,19 @@ def client_side(config_yaml: str) -> ClientSide:
     fabric = L.Fabric(accelerator=t.accelerator, devices=1, precision=t.precision)
     data = build_datamodule(cfg)
     task = build_task(cfg, data).to(fabric.device)
-    plan = build_plan(cfg, task)
+    schedule = ServerSchedule(copy.deepcopy(task))
+    plan = build_plan(cfg, task, data)
     uplink, downlink = build_pair(OmegaConf.to_container(cfg.compressor, resolve=True))
     strategy = build_strategy(OmegaConf.to_container(cfg.strategy, resolve=True))
-    strategy.setup(dict(copy.deepcopy(task).cpu().named_parameters()), data.num_clients)
+    travel = {s.name for s in plan}
+    params = {n: p for n, p in copy.deepcopy(task).cpu().named_parameters() if n in travel}
+    strategy.setup(params, data.num_clients)
     f = cfg.fed
     local = LocalTraining(f.local_epochs, f.batch_size, cfg.seed, fabric.device, fabric)
     packet_plan = plan + strategy.extra_plan(plan)
-    schedule = ServerSchedule(copy.deepcopy(task))
+    full_plan = packet_plan + frozen_specs(task, plan)
     return ClientSide(
-        cfg, data, task, plan, packet_plan, uplink, downlink, strategy, local, schedule
+        cfg, data, task, plan, packet_plan, full_plan, uplink, downlink, strategy, local, schedule
     )
 
 
@@ -98,7 +103,7 @@ def train(msg: Message, context: Context) -> Message:
     stored = unpack_state(bytes(kept["blob"]) if kept else b"", PARTS)
     version = int(kept["version"]) if kept else -1
     held = receive(side, request, stored["held"], version)
-    names = {s.name for s in side.plan}
+    names = set(side.task.state_dict())  # the model's; the rest is the strategy's
     if request.get("schedule"):
         side.schedule.load_state_dict(json.loads(str(request["schedule"])))
     memory = ErrorFeedback(stored["residual"]) if side.uplink.error_feedback else None
@@ -130,7 +135,7 @@ def receive(
     state), from the full model or from the broadcasts this client missed, applied in order
     exactly as the server applied them."""
     if "full" in request:
-        full, _ = decode_update(bytes(request["full"]), side.packet_plan, FULL)
+        full, _ = decode_update(bytes(request["full"]), side.full_plan, FULL)
         return full
     start = int(request["version"])
     if version != start or not held:

@@ -109,12 +109,10 @@ def preflight(cfg: DictConfig) -> RunDirLock:
     (its data, partition, task and training step are built once here). Returns the run
     dir's lock, which the launcher holds for the whole deployment; a dir created only for
     this check is removed again."""
-    import torch
-
     from fedbat import rundir
-    from fedbat.contract import ServerSchedule, check_training_step
+    from fedbat.contract import ServerSchedule
     from fedbat.errors import ConfigError
-    from fedbat.loop import build_datamodule, build_task, resume_state
+    from fedbat.loop import build_datamodule, build_plan, build_task, resume_state
 
     run_dir = Path(cfg.run_dir)
     created = not run_dir.exists()
@@ -126,9 +124,7 @@ def preflight(cfg: DictConfig) -> RunDirLock:
         data = build_datamodule(cfg)
         task = build_task(cfg, data)
         ServerSchedule(task)
-        batches = data.client_batches(0, cfg.fed.batch_size, torch.Generator(), "cpu")
-        if (batch := next(iter(batches), None)) is not None:
-            check_training_step(task, batch)
+        build_plan(cfg, task, data)  # one training step, on a copy
     except ConfigError:
         lock.release()
         if created:

@@ -121,7 +121,7 @@ class FlowerTransport:
         out: dict = {}
         if full:
             state = fed.server.held | fed.server.held_extra
-            out["full"] = encode_full(state, fed.server.packet_plan).data
+            out["full"] = encode_full(state, fed.server.full_plan).data
         if fed.schedule.active:
             try:
                 out["schedule"] = json.dumps(fed.schedule.state_dict())
