@@ -82,8 +82,9 @@ class DatasetClients:
         client_key: Callable[[Any], Hashable] | None = None,
         loader: dict[str, Any] | None = None,
         test_batch_size: int = 256,
+        val: Dataset | DataLoader | None = None,
     ) -> None:
-        self.train, self.test, self.loader = train, test, dict(loader or {})
+        self.train, self.test, self.val, self.loader = train, test, val, dict(loader or {})
         self.test_batch_size = test_batch_size
         if client_key is not None:
             parts = keyed_clients(train, client_key)
@@ -118,19 +119,25 @@ class DatasetClients:
         for batch in loader:
             yield move_data_to_device(batch, device)
 
-    def test_batches(self, batch_size: int, device: Any) -> Iterator[Any]:
-        if self.test is None:
-            return
-        if isinstance(self.test, DataLoader):
-            loader = self.test
+    def test_batches(self, batch_size: int, device: Any) -> Iterator[Any] | None:
+        return self._eval_batches(self.test, device)
+
+    def val_batches(self, batch_size: int, device: Any) -> Iterator[Any] | None:
+        return self._eval_batches(self.val, device)
+
+    def _eval_batches(self, data: Dataset | DataLoader | None, device: Any) -> Iterator[Any] | None:
+        """``data``'s batches on ``device`` (a DataLoader as given), or None without data."""
+        if data is None:
+            return None
+        if isinstance(data, DataLoader):
+            loader = data
         else:
-            loader = DataLoader(self.test, batch_size=self.test_batch_size, **self.loader)
-        for batch in loader:
-            yield move_data_to_device(batch, device)
+            loader = DataLoader(data, batch_size=self.test_batch_size, **self.loader)
+        return (move_data_to_device(batch, device) for batch in loader)
 
 
 def from_datamodule(datamodule: Any, **kwargs: Any) -> DatasetClients:
-    """A LightningDataModule's train set split over clients; its test (else val) loader is
+    """A LightningDataModule's train set split over clients; its val and test loaders are
     the server's evaluation data. Its loader settings serve the clients' batches."""
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -140,10 +147,15 @@ def from_datamodule(datamodule: Any, **kwargs: Any) -> DatasetClients:
         loader.pop("persistent_workers", None)
     import lightning as L
 
-    test = None
+    loaders = {}
     for stage, method in (("test", "test_dataloader"), ("validate", "val_dataloader")):
         if getattr(type(datamodule), method, None) is not getattr(L.LightningDataModule, method):
             datamodule.setup(stage)
-            test = getattr(datamodule, method)()
-            break
-    return DatasetClients(train_loader.dataset, test, loader=loader, **kwargs)
+            loaders[stage] = getattr(datamodule, method)()
+    return DatasetClients(
+        train_loader.dataset,
+        loaders.get("test"),
+        loader=loader,
+        val=loaders.get("validate"),
+        **kwargs,
+    )

@@ -30,12 +30,15 @@ def fit(
     *,
     train_dataset: Dataset | None = None,
     test_dataset: Dataset | None = None,
+    val_dataset: Dataset | None = None,
     overrides: Sequence[str] | None = (),
     label_fn: Callable[[Any], int] | None = None,
     client_key: Callable[[Any], Hashable] | None = None,
 ) -> dict[str, Any]:
-    """Train ``module`` federatedly on ``datamodule`` (or a ``train_dataset`` /
-    ``test_dataset`` pair) and return the run summary.
+    """Train ``module`` federatedly on ``datamodule`` (or a ``train_dataset`` with a
+    ``test_dataset`` and/or ``val_dataset``) and return the run summary. The server runs
+    ``validation_step`` on the validation data and ``test_step`` on the test data every
+    ``fed.eval_every`` rounds.
 
     The training set is split over ``data.num_clients`` clients by ``data.partition`` (labels
     from the dataset's ``targets`` or ``label_fn``), or one client per ``client_key(sample)``.
@@ -45,6 +48,8 @@ def fit(
         raise ConfigError(f"fit: module is a {type(module).__name__}; it must be a LightningModule")
     if (datamodule is None) == (train_dataset is None):
         raise ConfigError("fit: pass either a datamodule or a train_dataset")
+    if datamodule is not None and (test_dataset is not None or val_dataset is not None):
+        raise ConfigError("fit: a datamodule brings its own val/test data; pass datasets without it")
     cfg = _compose(overrides)
     with open_dict(cfg):
         if cfg.run_dir is None:
@@ -55,7 +60,7 @@ def fit(
     if datamodule is not None:
         data = from_datamodule(datamodule, **split)
     else:
-        data = DatasetClients(train_dataset, test_dataset, **split)  # type: ignore[arg-type]
+        data = DatasetClients(train_dataset, test_dataset, val=val_dataset, **split)  # type: ignore[arg-type]
     with open_dict(cfg):  # a natural partition decides the number of clients
         cfg.data.num_clients = data.num_clients
     return run(cfg, task=module, data=data)

@@ -49,7 +49,9 @@ class ClientData(Protocol):
         self, client: int, batch_size: int, generator: torch.Generator, device: Any
     ) -> Iterator[Any]: ...
 
-    def test_batches(self, batch_size: int, device: Any) -> Iterator[Any]: ...
+    def test_batches(self, batch_size: int, device: Any) -> Iterator[Any] | None: ...
+
+    # optional: ``val_batches(batch_size, device)``, the validation data (None without)
 
 
 @dataclass

@@ -33,6 +33,8 @@ RESUME_FREE = (
     "fed.rounds",
     "checkpoint",
     "target_acc",
+    "monitor",
+    "monitor_mode",
 )
 
 
@@ -112,7 +114,7 @@ def validate(cfg: DictConfig) -> None:
     if not cfg.model.get("_target_"):
         _choice("model.name", cfg.model.name, MODELS)
         check_params(cfg.model)
-    _choice("monitor_mode", cfg.monitor_mode, ("max", "min"))
+    _choice("monitor_mode", cfg.monitor_mode, ("auto", "max", "min"))
     check_range("seed", cfg.seed, 0, 2**32 - 1, integer=True)
     check_range("data.num_clients", d.num_clients, 1, 10**6, integer=True)
     check_range("data.alpha", d.alpha, 0.0, BIG, low_open=True)

@@ -218,11 +218,13 @@ class LogCollector:
         self.sums: dict[str, float] = {}
         self.weights: dict[str, float] = {}
         self.metrics: dict[str, Any] = {}
+        self.order: dict[str, None] = {}  # names in the order first logged
         self.batch_size = 1
 
     def log(
         self, name: str, value: Any, *args: Any, batch_size: int | None = None, **kw: Any
     ) -> None:
+        self.order.setdefault(name)
         if hasattr(value, "compute") and hasattr(value, "update"):  # a torchmetrics Metric
             self.metrics[name] = value
             return
@@ -252,7 +254,7 @@ class LogCollector:
             finally:
                 metric._to_sync = synced
             metric.reset()
-        return out
+        return {k: out[k] for k in self.order if k in out}
 
     def attach(self, module: nn.Module) -> LogCollector:
         """Route ``module.log`` / ``log_dict`` here (instance attributes shadow the methods)."""
@@ -292,13 +294,23 @@ def call_hook(module: nn.Module, hook: str, *args: Any) -> None:
         fn(*args)
 
 
+def evaluation_plan(module: nn.Module, val: Any, test: Any) -> list[tuple[str, Any]]:
+    """Which step runs on which data, validation first: ``validation_step`` on the
+    validation data and ``test_step`` on the test data, as Lightning runs them; a module
+    with only one of the two steps runs it on whichever data there is (validation first)."""
+    has_val, has_test = overrides(module, "validation_step"), overrides(module, "test_step")
+    plan = []
+    if has_val and (val is not None or (not has_test and test is not None)):
+        plan.append(("validation", val if val is not None else test))
+    if has_test and (test is not None or (not has_val and val is not None)):
+        plan.append(("test", test if test is not None else val))
+    return plan
+
+
 @torch.no_grad()
-def evaluate(module: nn.Module, batches: Any) -> dict[str, float]:
-    """The server-side evaluation: ``test_step`` (else ``validation_step``) over ``batches``
-    in eval mode, returning what the steps passed to ``self.log``, reduced per epoch."""
-    stage = "test" if overrides(module, "test_step") else "validation"
-    if stage == "validation" and not overrides(module, "validation_step"):
-        return {}
+def evaluate(module: nn.Module, stage: str, batches: Any) -> dict[str, float]:
+    """``<stage>_step`` over ``batches`` in eval mode, returning what the steps passed to
+    ``self.log``, reduced per epoch, in the order first logged."""
     step = getattr(module, f"{stage}_step")
     logs = LogCollector().attach(module)
     was_training = module.training

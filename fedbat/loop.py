@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import time
 import warnings
@@ -31,7 +32,7 @@ from fedbat.clientstore import ClientStore
 from fedbat.compressors import ErrorFeedback, TensorSpec, build_pair, wire_plan
 from fedbat.compressors.packet import frozen_specs, module_types
 from fedbat.config import cap_rounds, check_resumable, validate
-from fedbat.contract import ServerSchedule, evaluate, probe_training_step
+from fedbat.contract import ServerSchedule, evaluate, evaluation_plan, probe_training_step
 from fedbat.datamodules import FederatedDataModule
 from fedbat.datamodules.dataset import from_datamodule
 from fedbat.downlink import Delivery, Downlink, encode_full
@@ -274,6 +275,7 @@ class Federation:
         )
         self.comm_s = 0.0  # cumulative simulated communication time
         self.history: list[dict[str, float]] = []
+        self.monitor = str(cfg.get("monitor", "auto"))  # 'auto': resolved at the first evaluation
         self.local = LocalTraining(f.local_epochs, f.batch_size, cfg.seed, fabric.device, fabric)
 
     def _state_template(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
@@ -372,8 +374,21 @@ class Federation:
         self.store.advance(list(by_client), r)
 
     def evaluate(self) -> dict[str, float]:
+        """The global model's validation then test metrics; ``monitor=auto`` becomes the
+        first key its validation logged, else its first test key."""
         self.task.load_state_dict(self.server.global_state())
-        return evaluate(self.task, self.dm.test_batches(1024, self.fabric.device))
+        device = self.fabric.device
+        val = getattr(self.dm, "val_batches", None)
+        out: dict[str, float] = {}
+        plan = evaluation_plan(
+            self.task, val(1024, device) if val else None, self.dm.test_batches(1024, device)
+        )
+        for stage, batches in plan:
+            logged = evaluate(self.task, stage, batches)
+            if self.monitor == "auto" and logged:
+                self.monitor = next(iter(logged))
+            out |= logged
+        return out
 
     def state_dict(self, completed: int, wandb_id: str | None) -> dict[str, Any]:
         return {
@@ -384,6 +399,7 @@ class Federation:
             "bits": self.bits.state_dict(),
             "schedule": self.schedule.state_dict(),
             "history": self.history,
+            "monitor": self.monitor,
             "wandb_id": wandb_id or "",
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
         }
@@ -401,6 +417,8 @@ class Federation:
         self.bits = BitCounter(**state["bits"])
         self.schedule.load_state_dict(state.get("schedule", {}))
         self.history = state["history"]
+        if self.monitor == "auto":
+            self.monitor = state.get("monitor", "auto")
         self.comm_s = self.history[-1].get("sim/comm_cum_s", 0.0) if self.history else 0.0
 
 
@@ -550,11 +568,11 @@ def _train(
                         lg.log_metrics(metrics, step=r + 1)
             if save:
                 saved = r + 1
-            progress.update(metrics)
+            progress.update(metrics, fed.monitor)
             if stopping:
                 stop.asked = False  # consumed: a later run in this process starts afresh
                 raise Interrupted("SIGUSR1", saved)
-        summary = summarise(fed.history, cfg)
+        summary = summarise(fed.history, cfg, fed.monitor)
         if summary["final_acc"] is None:
             fabric.print(unlogged_monitor(fed.history, summary["monitor"]))
         if is_zero:
@@ -609,6 +627,22 @@ def resume_state(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     return state
 
 
+LOWER_IS_BETTER = ("loss", "error", "err", "ppl", "perplexity", "mse", "mae", "rmse")
+
+
+def monitor_lower(key: str, mode: str) -> bool:
+    """Whether lower values of ``key`` are better: ``monitor_mode``, or with ``auto`` a key
+    naming a loss, error or perplexity (``val_loss``, ``test/ppl``).
+
+    >>> monitor_lower("test/acc", "auto"), monitor_lower("val_loss", "auto")
+    (False, True)
+    """
+    if mode != "auto":
+        return mode == "min"
+    words = re.split(r"[^a-z]+", key.lower())
+    return any(w in LOWER_IS_BETTER for w in words)
+
+
 def unlogged_monitor(history: list[dict[str, float]], key: str) -> str:
     """The line a run ends with when its ``monitor`` was never logged.
 
@@ -623,11 +657,16 @@ def unlogged_monitor(history: list[dict[str, float]], key: str) -> str:
     )
 
 
-def summarise(history: list[dict[str, float]], cfg: DictConfig) -> dict[str, Any]:
-    """Best/final value of the monitored metric (``monitor``, ``test/acc`` by default; best
-    is the max, or the min with ``monitor_mode=min``), total bits, and the uplink bits at
-    which it first reached ``target_acc`` (None when it never did)."""
-    key, lower = cfg.get("monitor", "test/acc"), cfg.get("monitor_mode", "max") == "min"
+def summarise(
+    history: list[dict[str, float]], cfg: DictConfig, monitor: str | None = None
+) -> dict[str, Any]:
+    """Best/final value of the monitored metric (``monitor``, as resolved from ``auto``;
+    best is the max, or the min with ``monitor_mode=min``, and ``auto`` is min for a loss,
+    error or perplexity), total bits, and the uplink bits at which it first reached
+    ``target_acc`` (None when it never did)."""
+    key = monitor or cfg.get("monitor", "auto")
+    key = "test/acc" if key == "auto" else key  # nothing was evaluated
+    lower = monitor_lower(key, cfg.get("monitor_mode", "auto"))
     evals = [h for h in history if key in h]
     target = cfg.get("target_acc")
 

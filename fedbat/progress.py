@@ -54,20 +54,22 @@ class RoundProgress:
             self.task = self.bar.add_task("rounds", total=total, completed=start, info="")
             self.bar.start()
 
-    def update(self, metrics: dict[str, float]) -> None:
+    def update(self, metrics: dict[str, float], monitor: str = "test/acc") -> None:
         self.done += 1
         if not self.enabled:
             return
         per_round = (time.perf_counter() - self.started) / (self.done - self.start_round)
         eta = per_round * (self.total - self.done)
-        acc = metrics.get("test/acc")
+        acc = metrics.get(monitor)
+        label = "acc" if monitor == "test/acc" else monitor
+        shown = f"{label} {acc:.4f} | " if acc is not None else ""
         if self.bar is not None and self.console.width < NARROW:  # keep the bar and the ETA
-            short = (f"acc {acc:.4f} | " if acc is not None else "") + (
+            short = shown + (
                 f"up {human_bits(metrics['bits/uplink_cum'])}"
             )
             self.bar.update(self.task, completed=self.done, info=short)
             return
-        info = (f"acc {acc:.4f} | " if acc is not None else "") + (
+        info = shown + (
             f"loss {metrics.get('train/loss', float('nan')):.4f} | "
             f"up {human_bits(metrics['bits/uplink_cum'])} | "
             f"down {human_bits(metrics['bits/downlink_cum'])} | "

@@ -41,9 +41,9 @@ class ClassificationTask(L.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int = 0) -> None:
         x, y = batch
         logits = self.model(x)
-        self.log("test/loss", F.cross_entropy(logits, y), batch_size=len(y))
         self.accuracy.update(logits, y)
-        self.log("test/acc", self.accuracy)
+        self.log("test/acc", self.accuracy)  # first: monitor=auto picks it
+        self.log("test/loss", F.cross_entropy(logits, y), batch_size=len(y))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]

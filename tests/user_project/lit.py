@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics.classification import MulticlassAccuracy
 
 
@@ -53,6 +53,20 @@ class DigitsDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val, 256, collate_fn=collate)
+
+
+class DigitsThreeWay(DigitsDataModule):
+    """Train, validation and test loaders, as the Lightning docs split a dataset: the
+    held-out fifth of digits halved into validation and test."""
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train, held = DigitsDicts(train=True), DigitsDicts(train=False)
+        half = len(held) // 2
+        self.val = Subset(held, range(half))
+        self.test = Subset(held, range(half, len(held)))
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test, 256, collate_fn=collate)
 
 
 class LitClassifier(L.LightningModule):
@@ -151,3 +165,24 @@ class FrozenBackbone(LitClassifier):
     def configure_optimizers(self):
         trainable = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.SGD(trainable, lr=self.hparams.lr)
+
+
+class DocsClassifier(LitClassifier):
+    """Validation and test as the Lightning docs write them: ``val_acc`` from
+    ``validation_step``, ``test_acc`` from ``test_step``, each with its own Metric."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=10, average="micro")
+        self.validated = self.tested = 0
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.validated += 1
+        self.val_acc(self(batch["image"]), batch["label"])
+        self.log("val_acc", self.val_acc)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.tested += 1
+        self.test_acc(self(batch["image"]), batch["label"])
+        self.log("test_acc", self.test_acc)
