@@ -49,7 +49,9 @@ def fit(
     if (datamodule is None) == (train_dataset is None):
         raise ConfigError("fit: pass either a datamodule or a train_dataset")
     if datamodule is not None and (test_dataset is not None or val_dataset is not None):
-        raise ConfigError("fit: a datamodule brings its own val/test data; pass datasets without it")
+        raise ConfigError(
+            "fit: a datamodule brings its own val/test data; pass datasets without one"
+        )
     cfg = _compose(overrides)
     with open_dict(cfg):
         if cfg.run_dir is None:

@@ -64,9 +64,7 @@ class RoundProgress:
         label = "acc" if monitor == "test/acc" else monitor
         shown = f"{label} {acc:.4f} | " if acc is not None else ""
         if self.bar is not None and self.console.width < NARROW:  # keep the bar and the ETA
-            short = shown + (
-                f"up {human_bits(metrics['bits/uplink_cum'])}"
-            )
+            short = shown + (f"up {human_bits(metrics['bits/uplink_cum'])}")
             self.bar.update(self.task, completed=self.done, info=short)
             return
         info = shown + (
