@@ -47,7 +47,8 @@ def encode_fields(
         if spec.name in preencoded:
             fields[spec.name] = preencoded[spec.name]
         elif spec.compressed:
-            x = update[spec.name].to(torch.float32)
+            x = update[spec.name]  # the identity keeps the tensor's dtype; the rest take fp32
+            x = x if compressor.lossless else x.to(torch.float32)
             if memory is not None:
                 x = memory.compensate(holder, spec.name, x)
             fields[spec.name] = compressor.encode(x, generator)
@@ -89,6 +90,10 @@ def decode_fields(
             if spec.compressed:
                 read = _ReadTracking(fs)
                 update[spec.name] = compressor.decode(read, spec.shape)
+                if compressor.lossless and update[spec.name].dtype != spec.dtype:
+                    raise PacketError(
+                        f"dtype {update[spec.name].dtype}, the tensor's is {spec.dtype}"
+                    )
                 if extra := sorted(set(fs) - read.read):
                     raise PacketError(f"unexpected field(s) {extra} for {compressor.name!r}")
                 if spec.name in learned:

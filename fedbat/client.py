@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -193,13 +193,14 @@ def _local_epochs(
     optimizer = fabric.setup_optimizers(opt.optimizer) if fabric else opt.optimizer
     backward = fabric.backward if fabric else torch.Tensor.backward
     autocast = fabric.autocast if fabric else nullcontext
+    convert = input_conversion(fabric)
     logs = LogCollector().attach(task)
     loss_sum, step = torch.zeros((), device=cfg.device), 0
     call_hook(task, "on_train_start")
     for _epoch in range(cfg.epochs):
         call_hook(task, "on_train_epoch_start")
         batches = data.client_batches(client, cfg.batch_size, data_gen, cfg.device)
-        for batch_idx, batch in enumerate(batches):
+        for batch_idx, batch in enumerate(map(convert, batches)):
             logs.batch_size = batch_size_of(batch)
             call_hook(task, "on_train_batch_start", batch, batch_idx)
             with autocast(), parametrize.cached():  # hooks see the weights the step used
@@ -226,3 +227,17 @@ def _local_epochs(
         call_hook(task, "on_train_epoch_end")
     call_hook(task, "on_train_end")
     return loss_sum, logs.compute()
+
+
+def input_conversion(fabric: Any) -> Callable[[Any], Any]:
+    """What a batch goes through before a step: with ``bf16-true`` / ``16-true`` its float
+    tensors take the weights' dtype, as Fabric's wrapped module does (mixed precision
+    autocasts instead, so its batches stay as they are)."""
+    from lightning.fabric.plugins.precision import HalfPrecision
+
+    precision = fabric.strategy.precision if fabric is not None else None
+    return precision.convert_input if isinstance(precision, HalfPrecision) else _same
+
+
+def _same(batch: Any) -> Any:
+    return batch

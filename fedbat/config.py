@@ -18,7 +18,7 @@ from fedbat.models import MODELS, check_params
 from fedbat.strategies import build as build_strategy
 
 BIG = 10**9
-PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
 # fedbat moves packets itself and never wraps the model: it needs processes and a process
 # group, which Fabric's "ddp" gives (on 1 device "auto" needs none)

@@ -14,7 +14,7 @@ import re
 import signal
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedbat import checkpoint, clientstore, exchange, rundir, slurm
 from fedbat.accounting import BitCounter
-from fedbat.client import ClientData, ClientResult, LocalTraining, train_client
+from fedbat.client import ClientData, ClientResult, LocalTraining, input_conversion, train_client
 from fedbat.clientstore import ClientStore
 from fedbat.compressors import ErrorFeedback, TensorSpec, build_pair, wire_plan
 from fedbat.compressors.packet import frozen_specs, module_types
@@ -68,6 +68,12 @@ def build_fabric(cfg: DictConfig) -> Fabric:
             raise ConfigError(f"trainer: {' '.join(str(err).split())}") from None
 
 
+def place(task: L.LightningModule, fabric: Fabric) -> L.LightningModule:
+    """``task`` on this process's device, in the dtype of ``trainer.precision`` (``bf16-true``
+    and ``16-true`` convert the weights, as Fabric does)."""
+    return fabric.strategy.precision.convert_module(task.to(fabric.device))
+
+
 def threads_per_process(cfg: DictConfig, fabric: Fabric) -> int:
     """``trainer.threads``, else the cores shared out over this node's processes: CPU
     processes that each spawn one thread per core fight over the cores and crawl."""
@@ -101,14 +107,20 @@ def build_task(cfg: DictConfig, dm: ClientData) -> L.LightningModule:
     return ClassificationTask(model, dm.num_classes, f.lr, f.momentum, f.weight_decay)
 
 
-def build_plan(cfg: DictConfig, task: torch.nn.Module, data: ClientData) -> list[TensorSpec]:
+def build_plan(
+    cfg: DictConfig,
+    task: torch.nn.Module,
+    data: ClientData,
+    convert: Callable[[Any], Any] = lambda batch: batch,
+) -> list[TensorSpec]:
     """The wire plan of ``policy``: which of the task's tensors travel and which of those are
     compressed. Only what trains travels: parameters with gradients, and the buffers that a
     training step (on a copy, on client 0's first batch) changes or ``policy.travel`` names;
-    that step also refuses a ``training_step`` that cannot be trained, before any work."""
+    that step also refuses a ``training_step`` that cannot be trained, before any work.
+    ``convert`` is the precision's input conversion (``bf16-true``: float tensors to bf16)."""
     p = cfg.policy
     batches = data.client_batches(0, cfg.fed.batch_size, torch.Generator(), _device(task))
-    batch = next(iter(batches), None)
+    batch = next(map(convert, batches), None)
     buffers = {n for n, _ in task.named_buffers()}
     changed = probe_training_step(task, batch) if batch is not None else buffers
     frozen = {n for n in buffers - changed if not any(fnmatch(n, t) for t in p.travel)}
@@ -247,9 +259,9 @@ class Federation:
         self.task = task if task is not None else build_task(cfg, self.dm)
         if fabric.world_size > 1:  # a module built by the user's script: rank 0's weights
             self.task.load_state_dict(fabric.broadcast(self.task.state_dict(), src=0))
-        self.task = self.task.to(fabric.device)
+        self.task = place(self.task, fabric)
         self.schedule = ServerSchedule(copy.deepcopy(self.task))  # checks the contract too
-        self.plan = build_plan(cfg, self.task, self.dm)
+        self.plan = build_plan(cfg, self.task, self.dm, input_conversion(fabric))
         self.uplink, downlink = build_pair(OmegaConf.to_container(cfg.compressor, resolve=True))
         self.server = Server(
             self.task,
@@ -383,8 +395,9 @@ class Federation:
         plan = evaluation_plan(
             self.task, val(1024, device) if val else None, self.dm.test_batches(1024, device)
         )
+        convert = input_conversion(self.fabric)
         for stage, batches in plan:
-            logged = evaluate(self.task, stage, batches)
+            logged = evaluate(self.task, stage, map(convert, batches))
             if self.monitor == "auto" and logged:
                 self.monitor = next(iter(logged))
             out |= logged

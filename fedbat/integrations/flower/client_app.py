@@ -22,7 +22,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig, OmegaConf
 
-from fedbat.client import ClientData, LocalTraining, train_client
+from fedbat.client import ClientData, LocalTraining, input_conversion, train_client
 from fedbat.compressors import Compressor, ErrorFeedback, TensorSpec, build_pair, decode_update
 from fedbat.compressors.packet import frozen_specs
 from fedbat.contract import ServerSchedule
@@ -34,7 +34,7 @@ from fedbat.integrations.flower.protocol import (
     result_record,
     unpack_state,
 )
-from fedbat.loop import build_datamodule, build_plan, build_task
+from fedbat.loop import build_datamodule, build_plan, build_task, place
 from fedbat.strategies import Strategy
 from fedbat.strategies import build as build_strategy
 
@@ -67,9 +67,9 @@ def client_side(config_yaml: str) -> ClientSide:
     t = cfg.trainer
     fabric = L.Fabric(accelerator=t.accelerator, devices=1, precision=t.precision)
     data = build_datamodule(cfg)
-    task = build_task(cfg, data).to(fabric.device)
+    task = place(build_task(cfg, data), fabric)
     schedule = ServerSchedule(copy.deepcopy(task))
-    plan = build_plan(cfg, task, data)
+    plan = build_plan(cfg, task, data, input_conversion(fabric))
     uplink, downlink = build_pair(OmegaConf.to_container(cfg.compressor, resolve=True))
     strategy = build_strategy(OmegaConf.to_container(cfg.strategy, resolve=True))
     travel = {s.name for s in plan}
