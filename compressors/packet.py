@@ -96,7 +96,7 @@ def wire_plan(
     ['1.weight', '1.bias']
     """
     params = dict(model.named_parameters())
-    stay = set(frozen) | {n for n, p in params.items() if not p.requires_grad}
+    stay = set(frozen) | {n for n, p in params.items() if not p.requires_grad} | set(aliases(model))
     chosen = {
         f"{mod_name}.weight" if mod_name else "weight"
         for mod_name, mod in model.named_modules()
@@ -122,12 +122,37 @@ def wire_plan(
 def frozen_specs(model: nn.Module, plan: list[TensorSpec]) -> list[TensorSpec]:
     """The model's tensors that ``plan`` leaves out: they travel once, raw, in the full model
     a client first receives."""
-    travel = {s.name for s in plan}
+    skip = {s.name for s in plan} | set(aliases(model))
     return [
         TensorSpec(name, t.shape, t.dtype, False)
         for name, t in model.state_dict().items()
-        if name not in travel
+        if name not in skip
     ]
+
+
+def aliases(model: nn.Module) -> dict[str, str]:
+    """Names in the model's state that are another name's tensor (tied weights: GPT-2's
+    ``lm_head.weight`` is ``transformer.wte.weight``), to that first name. A tied tensor
+    travels once, under its first name.
+
+    >>> net = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+    >>> net[1].weight = net[0].weight
+    >>> aliases(net)
+    {'1.weight': '0.weight'}
+    """
+    first: dict[int, str] = {}
+    out = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        out_name = first.setdefault(id(t), name)
+        if out_name != name:
+            out[name] = out_name
+    return out
+
+
+def load_model(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(state)`` where ``state`` names each tied tensor once."""
+    tied = {a: state[first] for a, first in aliases(model).items() if a not in state}
+    model.load_state_dict(state | tied)
 
 
 HEADER_BYTES = 1024  # the container's own header and metadata, before the layout

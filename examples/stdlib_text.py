@@ -88,22 +88,34 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class ByteTransformer(L.LightningModule):
-    """A 2-block causal transformer over bytes, as a plain LightningModule."""
+class ByteNet(nn.Module):
+    """A causal transformer over bytes: token and position embeddings, ``depth`` blocks."""
 
-    def __init__(self, dim: int = 64, heads: int = 4, depth: int = 2, lr: float = 1e-3) -> None:
+    def __init__(self, dim: int = 64, heads: int = 4, depth: int = 2) -> None:
         super().__init__()
-        self.save_hyperparameters()
         self.tok = nn.Embedding(256, dim)
         self.pos = nn.Embedding(CONTEXT, dim)
         self.blocks = nn.Sequential(*(Block(dim, heads) for _ in range(depth)))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, 256)
-        self.perplexity = Perplexity()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(ids.shape[1], device=ids.device)
         return self.head(self.norm(self.blocks(self.tok(ids) + self.pos(pos))))
+
+
+class ByteTransformer(L.LightningModule):
+    """Next-byte prediction with ``net`` (a 2-block :class:`ByteNet` by default), as a plain
+    LightningModule; the optimizer takes the trainable parameters only."""
+
+    def __init__(self, net: nn.Module | None = None, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net"])
+        self.net = net if net is not None else ByteNet()
+        self.perplexity = Perplexity()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.net(ids)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch["ids"])
@@ -113,12 +125,13 @@ class ByteTransformer(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         logits = self(batch["ids"])
-        self.log("test/loss", F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten()))
         self.perplexity.update(logits, batch["targets"])
         self.log("test/ppl", self.perplexity)
+        self.log("test/loss", F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten()))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.Adam(trainable, lr=self.hparams.lr)
 
 
 DEFAULTS = [
@@ -127,8 +140,6 @@ DEFAULTS = [
     "fed.local_epochs=1",
     "fed.batch_size=32",
     "policy.modules=[Linear,Embedding]",
-    "monitor=test/ppl",
-    "monitor_mode=min",
 ]
 
 

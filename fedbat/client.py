@@ -23,7 +23,7 @@ from fedbat.compressors import (
     encode_fields,
 )
 from fedbat.compressors.base import all_finite
-from fedbat.compressors.packet import pack
+from fedbat.compressors.packet import load_model, pack
 from fedbat.contract import (
     LogCollector,
     ServerSchedule,
@@ -117,7 +117,7 @@ def train_client(
     seed = derive_seed(cfg.seed, round_idx, client)
     torch.manual_seed(seed)
     data_gen = torch.Generator().manual_seed(seed)
-    task.load_state_dict(held)
+    load_model(task, held)
     task.train()
     n = data.client_size(client)
     hooks = [  # the strategy's first: FedProx's term sees the layers as FedBAT parametrizes them

@@ -19,8 +19,10 @@ spec.loader.exec_module(stdlib_text)
 def test_fedbat_compresses_embeddings_and_attention():
     plan = C.wire_plan(stdlib_text.ByteTransformer(), 100, module_types(["Linear", "Embedding"]))
     compressed = {s.name for s in plan if s.compressed}
-    assert {"tok.weight", "pos.weight", "blocks.0.qkv.weight", "blocks.0.proj.weight"} <= compressed
-    assert {"head.bias", "norm.weight", "blocks.0.norm1.weight"}.isdisjoint(compressed)
+    net = {"tok.weight", "pos.weight", "blocks.0.qkv.weight", "blocks.0.proj.weight"}
+    assert {f"net.{n}" for n in net} <= compressed
+    raw = {"head.bias", "norm.weight", "blocks.0.norm1.weight"}
+    assert {f"net.{n}" for n in raw}.isdisjoint(compressed)
 
 
 @pytest.mark.slow
