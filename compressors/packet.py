@@ -34,7 +34,6 @@ from fnmatch import fnmatch
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 
 from fedbat.compressors.base import Compressor, Fields
@@ -195,17 +194,51 @@ def pack(fields: dict[str, Fields], compressor: Compressor) -> Packet:
             buffers.setdefault(group, []).append(t.detach().reshape(-1).cpu())
             entry.append(f"{list(buffers).index(group)}:{t.numel()}")
         layout.append("" if list(fs) == ["raw"] else ",".join(entry))  # raw: implied
-    flat = {g: torch.cat(ts) if len(ts) > 1 else ts[0].contiguous() for g, ts in buffers.items()}
     meta = {
         "format": FORMAT,
         "version": VERSION,
         "compressor": compressor.name,
         "plan": plan_digest(list(fields)),
-        "groups": " ".join(flat),
+        "groups": " ".join(buffers),
         "layout": ";".join(layout),
     }
-    payload = sum(t.numel() * t.element_size() * 8 for t in flat.values())
-    return Packet(st_save(flat, metadata=meta), payload)
+    payload = sum(t.numel() * t.element_size() * 8 for ts in buffers.values() for t in ts)
+    return Packet(serialize(buffers, meta), payload)
+
+
+def serialize(groups: dict[str, list[torch.Tensor]], meta: dict[str, str]) -> bytes:
+    """The safetensors file of one flat tensor per group (the concatenation of its parts),
+    laid out as ``safetensors.torch.save`` lays it out (tensors in its order, the header
+    padded to 8 bytes) but written part by part into one buffer: no concatenated copy of a
+    group is made, so a 400 MB packet costs its own bytes and one copy into ``bytes``, not
+    three times them. The metadata keeps its order, so equal fields give equal bytes.
+
+    >>> parts = {"a.F32": [torch.ones(2), torch.zeros(1)], "b.U8": [torch.arange(3).byte()]}
+    >>> st_load(serialize(parts, {"k": "v"}))
+    {'a.F32': tensor([1., 1., 0.]), 'b.U8': tensor([0, 1, 2], dtype=torch.uint8)}
+    """
+    # safetensors' order: by dtype, later in its enumeration first, then by name
+    order = sorted(groups, key=lambda g: (-_ST_ORDER.index(dtype_tag(groups[g][0].dtype)), g))
+    header: dict[str, object] = {"__metadata__": meta}
+    offset = 0
+    for g in order:
+        numel = sum(t.numel() for t in groups[g])
+        size = numel * groups[g][0].element_size()
+        tag = dtype_tag(groups[g][0].dtype)
+        header[g] = {"dtype": tag, "shape": [numel], "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    out = bytearray(8 + len(text) + offset)
+    out[:8] = len(text).to_bytes(8, "little")
+    out[8 : 8 + len(text)] = text
+    at = 8 + len(text)
+    for g in order:
+        for t in groups[g]:
+            raw = t.contiguous().view(torch.uint8).numpy()  # the tensor's own bytes
+            out[at : at + raw.size] = raw.data
+            at += raw.size
+    return bytes(out)
 
 
 def unpack(data: bytes, plan: list[TensorSpec], compressor: Compressor) -> dict[str, Fields]:
@@ -290,6 +323,9 @@ _DTYPE_TAGS = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+
+
+_ST_ORDER = ["BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64"]
 
 
 def read_metadata(data: bytes) -> dict[str, str]:

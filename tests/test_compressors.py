@@ -373,3 +373,41 @@ def test_size_limit_is_derived_from_the_plan_and_compressor(name):
     assert len(data) <= limit < 1.15 * len(data), (len(data), limit)
     with pytest.raises(PacketError, match="exceeds"):
         C.decode_update(data + bytes(limit - len(data) + 1), plan, comp)
+
+
+def test_packets_are_safetensors_files_laid_out_as_the_library_writes_them():
+    """``serialize`` writes groups part by part; safetensors' own writer, given the same
+    groups concatenated, gives the same header (less the metadata, whose order its hash
+    map does not keep), the same data bytes and the same size."""
+    import json
+    import random
+
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    from fedbat.compressors.packet import read_metadata, serialize
+
+    def parts(data: bytes) -> tuple[dict, bytes]:
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        header.pop("__metadata__")
+        return header, data[8 + n :]
+
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8,
+              torch.int32, torch.bool, torch.int8, torch.int16, torch.float64]  # fmt: skip
+    rng, g = random.Random(0), gen(0)
+    for trial in range(100):
+        groups = {}
+        for i in range(rng.randint(1, 6)):
+            dt = rng.choice(dtypes)
+            groups[f"{rng.choice('abxyz')}{i}.{dt}"] = [
+                (10 * torch.randn(rng.randint(1, 50), generator=g)).to(dt)
+                for _ in range(rng.randint(1, 3))
+            ]
+        meta = {"format": "x", "layout": f"0:1;;{trial}"}
+        ours = serialize(groups, meta)
+        theirs = st_save({k: torch.cat(v) for k, v in groups.items()}, metadata=meta)
+        assert len(ours) == len(theirs) and parts(ours) == parts(theirs), trial
+        assert read_metadata(ours) == meta
+        loaded = st_load(ours)
+        assert all(torch.equal(loaded[k], torch.cat(v)) for k, v in groups.items())
