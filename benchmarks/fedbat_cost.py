@@ -18,10 +18,11 @@ import _isolate  # noqa: F401
 import torch
 from omegaconf import open_dict
 
-from fedbat.cli import compose
+from fedbat.assembly import build_datamodule, build_task
 from fedbat.client import LocalTraining, train_client
+from fedbat.compose import compose
 from fedbat.compressors import build_pair, wire_plan
-from fedbat.loop import build_datamodule, build_task, run
+from fedbat.lifecycle import run
 
 WORKLOAD = [
     "data=fmnist",

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import open_dict
 
-from fedbat.cli import compose
+from fedbat.compose import compose
 from fedbat.datamodules import FederatedDataModule
-from fedbat.loop import run
+from fedbat.lifecycle import run
 from fedbat.models import build
 
 WORKLOAD = [

@@ -16,8 +16,8 @@ from pathlib import Path
 import _isolate  # noqa: F401
 from omegaconf import open_dict
 
-from fedbat.cli import compose
-from fedbat.loop import run
+from fedbat.compose import compose
+from fedbat.lifecycle import run
 from fedbat.plot import read_metrics
 from fedbat.strategies import STRATEGIES
 

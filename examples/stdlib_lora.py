@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from stdlib_text import ByteNet, ByteTransformer, SourceWindows, file_of, stdlib_files
 
 import fedbat
+from fedbat.config import run_name
 
 PRETRAINED = Path("runs/stdlib_lora/pretrained.pt")
 PRETRAIN_STEPS = 400
@@ -98,7 +99,7 @@ def fine_tune(overrides: list[str], full: bool = False) -> dict:
     module = ByteTransformer(net, lr=1e-3) if full else ByteTransformer(lora(net), lr=LORA_LR)
     train, test = (SourceWindows(corpora()[1], train=t) for t in (True, False))
     before = perplexity(module, test)
-    name = ",".join(sorted(o for o in overrides if not o.startswith("trainer."))) or "default"
+    name = run_name(overrides)
     mode = "full" if full else "lora"
     run_dir = [f"run_dir='runs/stdlib_lora/{mode}/{name}'"]
     if any(o.startswith("run_dir=") for o in overrides):

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from torchmetrics.text import Perplexity
 
 import fedbat
+from fedbat.config import run_name
 
 CONTEXT = 64  # bytes of context per sample
 HELD_OUT = 0.1  # the last 10% of each file is the test text
@@ -146,7 +147,7 @@ DEFAULTS = [
 def main(overrides: list[str], files: int = 40) -> dict:
     torch.manual_seed(0)
     paths = stdlib_files(files)
-    name = ",".join(sorted(o for o in overrides if not o.startswith("trainer."))) or "default"
+    name = run_name(overrides)
     run_dir = (  # quoted: the name holds '=' and ',', which Hydra would parse
         [f"run_dir='runs/stdlib_text/{name}'"]
         if not any(o.startswith("run_dir=") for o in overrides)

@@ -4,17 +4,14 @@
 ``fedbat`` command runs configured jobs (``fedbat train``).
 """
 
-from pathlib import Path
 from typing import Any
 
 __version__ = "0.1.0"
 
-# The repository keeps compressors/, datamodules/ and configs/ beside fedbat/; they are the
-# subpackages fedbat.compressors, fedbat.datamodules and fedbat.configs (a wheel puts them
-# inside fedbat/), so a user's own top-level ``configs`` or ``compressors`` never shadows them.
-_SIBLINGS = Path(__file__).resolve().parent.parent
-if (_SIBLINGS / "compressors" / "__init__.py").is_file() and (_SIBLINGS / "fedbat").is_dir():
-    __path__.append(str(_SIBLINGS))
+# The repository keeps compressors/, datamodules/ and configs/ beside fedbat/; installed
+# (``pip install -e .`` included: setup.cfg's package_dir) they are the subpackages
+# fedbat.compressors, fedbat.datamodules and fedbat.configs, so a user's own top-level
+# ``configs`` or ``compressors`` never shadows them.
 __all__ = ["__version__", "fit"]
 
 

@@ -17,11 +17,12 @@ import lightning as L
 from omegaconf import DictConfig, open_dict
 from torch.utils.data import Dataset
 
-from fedbat.cli import compose, hydra_message
-from fedbat.config import validate
+from fedbat.assembly import split_args
+from fedbat.compose import compose, hydra_message
+from fedbat.config import run_name, validate
 from fedbat.datamodules.dataset import DatasetClients, from_datamodule
 from fedbat.errors import ConfigError
-from fedbat.loop import run, split_args
+from fedbat.lifecycle import run
 
 
 def fit(
@@ -90,6 +91,4 @@ def _compose(overrides: Sequence[str] | None) -> DictConfig:
 
 def default_run_dir(name: str, overrides: Sequence[str]) -> Path:
     """``runs/<name>/<overrides joined as Hydra names its run dirs>``."""
-    kept = sorted(o for o in overrides if not o.split("=")[0].startswith(("trainer.", "progress")))
-    tail = ",".join(kept) or "default"
-    return Path("runs") / name / re.sub(r"[^\w.=,+-]", "_", tail)
+    return Path("runs") / name / re.sub(r"[^\w.=,+-]", "_", run_name(overrides))

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import re
 import sys
 from pathlib import Path
 
 from fedbat import slurm
-from fedbat.errors import ConfigError, RunDirError
+from fedbat.compose import prevalidate
+from fedbat.errors import ConfigError, fail
 
 USAGE = """usage: fedbat {train,flower,list,plot,compare} ...
 
@@ -56,23 +56,6 @@ HYDRA_FLAGS = (
 )
 
 
-def fail(message: str) -> int:
-    print(f"fedbat: error: {message}", file=sys.stderr)
-    return 2
-
-
-def compose(overrides: list[str], with_hydra: bool = False):
-    """The config ``fedbat train overrides`` would run, composed without starting a run
-    (``with_hydra``: with Hydra's own node, where the run dir is)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_module("fedbat.configs", version_base="1.3"):
-        return hydra_compose("train", overrides=overrides, return_hydra_config=with_hydra)
-
-
 CHECKED_FLAGS = {"-m": 0, "--multirun": 0, "--cfg": 1, "-c": 1, "--resolve": 0}  # flag: values
 
 
@@ -107,53 +90,6 @@ def jobs_to_validate(args: list[str]) -> list[list[str]]:
     return [list(job) for job in itertools.product(*choices)]
 
 
-def prevalidate(overrides: list[str], check_run_dir: bool = True) -> str | None:
-    """Compose and validate before Hydra creates or touches any run directory."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from fedbat.config import validate
-
-    try:
-        cfg = compose(overrides, with_hydra=True)
-        run_dir = Path(cfg.run_dir or cfg.hydra.run.dir)
-        if check_run_dir and run_dir.exists() and not run_dir.is_dir():  # Hydra would fail
-            raise RunDirError(f"run_dir={run_dir}: exists and is not a directory")
-        validate(cfg)
-    except ConfigError as err:
-        return str(err)
-    except (HydraException, OmegaConfBaseException) as err:
-        return hydra_message(str(err), overrides)
-    return None
-
-
-def hydra_message(text: str, overrides: list[str]) -> str:
-    r"""Hydra's composition errors in fedbat's ``key=value: what is allowed`` form.
-
-    >>> text = "In 'train': Could not find 'logger/slack'\n\nAvailable options in 'logger':"
-    >>> hydra_message(text + "\n\tcsv\n\twandb\nConfig search path: ...", ["logger=slack"])
-    'logger=slack: unknown logger option; available: csv, wandb'
-    """
-    missing = re.search(r"Could not find '([^/']+)/([^']+)'", text)
-    if missing:
-        group, option = missing.groups()
-        options = re.findall(r"^\t(\S+)$", text.split("Config search path")[0], re.M)
-        listed = f"; available: {', '.join(options)}" if options else ""
-        return f"{group}={option}: unknown {group} option{listed}"
-    unknown = re.search(r"Could not override '([^']+)'", text)
-    if unknown:
-        key = unknown.group(1)
-        given = next((o for o in overrides if o.split("=")[0] == key), key)
-        parent, _, _ = key.rpartition(".")
-        from omegaconf import DictConfig, OmegaConf
-
-        node = OmegaConf.select(compose([]), parent) if parent else compose([])
-        ok = isinstance(node, DictConfig)
-        keys = f"; {parent or 'the config'} has: {', '.join(map(str, node))}" if ok else ""
-        return f"{given}: no such key{keys}"
-    return " ".join(text.split("Config search path")[0].split())
-
-
 def train(args: list[str]) -> int:
     jobs = jobs_to_validate(args)
     for job in jobs:  # every job of a sweep, before Hydra starts any or writes a thing
@@ -168,8 +104,8 @@ def train(args: list[str]) -> int:
     sys.argv = [sys.argv[0], *args]
     try:
         train_module.hydra_main()
-    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (fedbat.loop.Interrupted)
-        from fedbat.loop import Interrupted
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (fedbat.lifecycle.Interrupted)
+        from fedbat.lifecycle import Interrupted
 
         if not isinstance(stop, Interrupted):  # before the rounds started
             stop = Interrupted("SIGINT")
@@ -202,9 +138,11 @@ def list_registered() -> int:
     from fedbat.compressors import COMPRESSORS
     from fedbat.datamodules import PARTITIONERS, READERS
     from fedbat.models import MODELS
+    from fedbat.strategies import STRATEGIES
 
     table = Table("kind", "names")
-    table.add_row("compressors", "\n".join(f"{n}: {d}" for n, d in COMPRESSORS.describe().items()))
+    for kind, registry in (("compressors", COMPRESSORS), ("strategies", STRATEGIES)):
+        table.add_row(kind, "\n".join(f"{n}: {d}" for n, d in registry.describe().items()))
     table.add_row("datasets", ", ".join(READERS))
     table.add_row("models", ", ".join(MODELS))
     table.add_row("partitions", ", ".join(PARTITIONERS))

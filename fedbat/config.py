@@ -4,6 +4,7 @@ check. Every failure is a ConfigError naming the key, the bad value and what is 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -23,19 +24,45 @@ ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
 # fedbat moves packets itself and never wraps the model: it needs processes and a process
 # group, which Fabric's "ddp" gives (on 1 device "auto" needs none)
 STRATEGIES = ("auto", "ddp")
-# Keys that do not change the results of a run: they may differ when a run is resumed.
-RESUME_FREE = (
-    "trainer",
+# The one list of keys that never change what a run computes (where it runs, how it is
+# watched, where it writes); prefixes cover their sub-keys. trainer.precision is not one.
+RESULT_FREE = (
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.strategy",
+    "trainer.threads",
     "logger",
     "resume",
     "run_dir",
     "progress",
-    "fed.rounds",
     "checkpoint",
-    "target_acc",
-    "monitor",
-    "monitor_mode",
+    "hydra",
 )
+# ... and those that change only how long it runs or what its summary reports: a resumed
+# run may change them, and a run dir is named without them
+RESUME_FREE = (*RESULT_FREE, "fed.rounds", "target_acc", "monitor", "monitor_mode")
+
+
+def is_free(key: str, free: tuple[str, ...] = RESUME_FREE) -> bool:
+    """Whether config ``key`` (or an override's key, ``+``/``~`` prefixes allowed) is one
+    of ``free`` or below one.
+
+    >>> is_free("logger.wandb.mode"), is_free("+fed.rounds"), is_free("trainer.precision")
+    (True, True, False)
+    """
+    key = key.lstrip("+~").split("=", 1)[0]
+    return any(key == f or key.startswith(f + ".") for f in free)
+
+
+def run_name(overrides: Sequence[str]) -> str:
+    """A run dir's name: its overrides, sorted, without the resume-free ones (so that raising
+    ``fed.rounds`` resumes the same dir), as Hydra names its run dirs; ``default`` for none.
+
+    >>> run_name(["fed.lr=0.1", "trainer.devices=2", "compressor=fedbat", "fed.rounds=9"])
+    'compressor=fedbat,fed.lr=0.1'
+    """
+    return ",".join(sorted(o for o in overrides if not is_free(o))) or "default"
 
 
 MAX_ROUNDS = "FEDBAT_MAX_ROUNDS"  # environment: cap every run's fed.rounds (smoke tests)
@@ -189,7 +216,7 @@ def check_resumable(cfg: DictConfig, saved_yaml: str, path: Path) -> None:
     before = _flatten(OmegaConf.to_container(OmegaConf.create(saved_yaml), resolve=True))
     # a group's ``name`` first: another model is named as such, not by its first parameter
     for key in sorted(set(now) | set(before), key=lambda k: (not k.endswith(".name"), k)):
-        if any(key == free or key.startswith(free + ".") for free in RESUME_FREE):
+        if is_free(key):
             continue
         if now.get(key) != before.get(key):
             raise ConfigError(

@@ -2,6 +2,7 @@
 process) instead of a traceback, and the range check that raises them."""
 
 import math
+import sys
 
 
 class ConfigError(ValueError):
@@ -43,3 +44,9 @@ def check_range(
         )
     if value < low or (low_open and value == low) or value > high:
         raise ConfigError(f"{key}={value!r}: must be in {'(' if low_open else '['}{low}, {high}]")
+
+
+def fail(message: str) -> int:
+    """Print ``fedbat: error: message`` to stderr; the exit code of bad input."""
+    print(f"fedbat: error: {message}", file=sys.stderr)
+    return 2

@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from omegaconf import OmegaConf
 
+from fedbat.config import RESULT_FREE, is_free
 from fedbat.errors import ConfigError
 
 COLORS = plt.get_cmap("tab10").colors
@@ -33,8 +34,9 @@ X_AXES = {  # --x choice: (metric, axis label, log scale)
     "comm": ("sim/comm_cum_s", "simulated communication time (s)", False),
 }
 FORMATS = ("png", "pdf", "svg")
-# Keys that never tell configurations apart: where a run went and how it was watched.
-IGNORED = ("seed", "run_dir", "resume", "progress", "logger.", "trainer.", "checkpoint.")
+# Keys that never tell configurations apart: the result-free ones, and the seed (the runs
+# of one configuration differ by it)
+IGNORED = (*RESULT_FREE, "seed")
 
 
 def find_runs(paths: Iterable[Path]) -> list[Path]:
@@ -93,7 +95,7 @@ def group_runs(runs: list[Path]) -> list[Config]:
     """
     groups: dict[str, Config] = {}
     for run_dir in runs:
-        cfg = {k: v for k, v in flat_config(run_dir).items() if not k.startswith(IGNORED)}
+        cfg = {k: v for k, v in flat_config(run_dir).items() if not is_free(k, IGNORED)}
         key = repr(sorted(cfg.items())) if cfg else str(run_dir)
         groups.setdefault(key, Config([], cfg)).runs.append(run_dir)
     out = list(groups.values())

@@ -23,7 +23,7 @@ ORIGINAL_ARGV: list[str] = []  # the command as typed (``fedbat train ...``), se
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> float | None:
-    from fedbat.loop import run
+    from fedbat.lifecycle import run
 
     name_runs(cfg)
     if ORIGINAL_ARGV:
@@ -84,8 +84,9 @@ def sweep_group(overrides: list[str], compressor: str) -> str:
     >>> sweep_group(["compressor=fedbat", "seed=3", "fed.lr=0.1"], "fedbat")
     'compressor=fedbat,fed.lr=0.1'
     """
-    free = ("seed", "progress", "trainer.", "logger", "hydra.", "run_dir", "resume")
-    kept = sorted(o for o in overrides if not o.lstrip("+~").startswith(free))
+    from fedbat.config import RESULT_FREE, is_free
+
+    kept = sorted(o for o in overrides if not is_free(o, (*RESULT_FREE, "seed")))
     return ",".join(kept) or compressor
 
 

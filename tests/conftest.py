@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig, open_dict
 
-from fedbat.cli import compose
+from fedbat.compose import compose
 
 FMNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 needs_fmnist = pytest.mark.skipif(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fedbat.cli import main
-from fedbat.loop import run
+from fedbat.lifecycle import run
 from tests.conftest import fill, make_cfg
 from tests.test_reliability import cli, metric_rows
 

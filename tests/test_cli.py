@@ -203,3 +203,23 @@ def test_shell_completion_installs_for_the_fedbat_command(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["/usr/local/bin/fedbat", "-sc", "install=bash"])
     assert main(["-sc", "install=bash"]) == 0
     assert "-F hydra_bash_completion fedbat" in capsys.readouterr().out
+
+
+def test_hydra_names_run_dirs_without_exactly_the_resume_free_keys():
+    """Hydra's run-dir names (``exclude_keys``) and fedbat's own (``config.run_name``, used by
+    ``fedbat.fit``, ``fedbat flower`` and the examples) leave out the same keys: every key
+    Hydra leaves out is resume-free, and every resume-free leaf under trainer, checkpoint and
+    the report keys is left out by Hydra too."""
+    from omegaconf import OmegaConf
+
+    from fedbat.compose import compose
+    from fedbat.config import is_free
+
+    yaml = (Path(__file__).parent.parent / "configs" / "train.yaml").read_text()
+    excluded = OmegaConf.create(yaml).hydra.job.config.override_dirname.exclude_keys
+    assert all(is_free(k) for k in excluded), [k for k in excluded if not is_free(k)]
+    composed = compose([])
+    leaves = [f"{group}.{k}" for group in ("trainer", "checkpoint") for k in composed[group]]
+    leaves += ["fed.rounds", "target_acc", "monitor", "monitor_mode", "resume", "run_dir"]
+    assert [k for k in leaves if is_free(k) and k not in excluded] == []
+    assert not is_free("trainer.precision") and "trainer.precision" not in excluded

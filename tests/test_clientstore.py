@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedbat import checkpoint, clientstore
-from fedbat.loop import run
+from fedbat.lifecycle import run
 from fedbat.seeding import sample_clients
 from tests.conftest import make_cfg
 

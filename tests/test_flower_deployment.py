@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from fedbat.integrations.flower.deploy import PortTaken, wait_serving
-from fedbat.loop import run
+from fedbat.lifecycle import run
 from fedbat.rundir import RunDirLock
 from tests.conftest import make_cfg
 from tests.test_readme import blocks, run_block
@@ -61,6 +61,21 @@ def test_deployment_matches_fedbat_train(tmp_path, compressor):
         assert packets <= wire  # Flower's messages carry the packets and a little more
         if compressor == "fedbat":
             assert wire <= 1.05 * packets, (wire, packets)
+
+
+def test_a_400_mb_packet_travels_both_ways(tmp_path):
+    """A 100M-parameter MLP (401 MB in fp32) with compressor=none: its full model goes down
+    and its whole update comes back through Flower's messages (gRPC's limit is 2 GB)."""
+    cmd = ["fedbat", "flower", "--supernodes", "1", "fed.rounds=1", "model.hidden=1400000",
+           "fed.local_epochs=1", "fed.batch_size=2048", "trainer.threads=2",
+           f"run_dir={tmp_path}"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-1500:] + out.stderr[-3000:]
+    (r,) = rows(tmp_path)
+    model_bytes = (64 * 1_400_000 + 1_400_000 + 1_400_000 * 10 + 10) * 4  # by hand: 420 MB
+    assert r["clients/accepted"] == "1"
+    for way in ("uplink", "downlink"):
+        assert model_bytes <= float(r[f"flower/{way}_bytes"]) <= 1.001 * model_bytes + 4096
 
 
 def flower_processes() -> list[str]:

@@ -13,7 +13,7 @@ from fedbat import checkpoint
 from fedbat.compressors import TensorSpec
 from fedbat.compressors.packet import wire_plan
 from fedbat.errors import PacketError
-from fedbat.loop import run
+from fedbat.lifecycle import run
 from tests.conftest import make_cfg
 from tests.test_loop import rows
 

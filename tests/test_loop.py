@@ -6,7 +6,8 @@ import torch
 
 import fedbat.compressors as C
 from fedbat import checkpoint
-from fedbat.loop import build_datamodule, build_task, run
+from fedbat.assembly import build_datamodule, build_task
+from fedbat.lifecycle import run
 from fedbat.seeding import sample_clients
 from tests.conftest import make_cfg
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fedbat import checkpoint, clientstore
-from fedbat.loop import run
+from fedbat.lifecycle import run
 from tests.conftest import make_cfg
 
 pytestmark = pytest.mark.slow  # every test starts processes: .ci/run's slow step
@@ -187,8 +187,8 @@ def test_failing_rank_fails_the_job_without_hanging(tmp_path):
 def test_slurm_ntasks_without_ntasks_per_node_is_one_line(tmp_path, monkeypatch):
     """Lightning reads --ntasks-per-node, not --ntasks: a job script that sets only the
     latter is told so in one line (it was a RuntimeError traceback from Lightning)."""
+    from fedbat.assembly import build_fabric
     from fedbat.errors import ConfigError
-    from fedbat.loop import build_fabric
 
     for key, value in slurm_task_env(0, 29500).items():
         if key.startswith("SLURM_"):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedbat.cli import compose
+from fedbat.compose import compose
 from fedbat.datamodules.partition import label_count
 from tests.conftest import needs_fmnist
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fedbat import checkpoint
-from fedbat.loop import run
+from fedbat.lifecycle import run
 from tests.conftest import make_cfg
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "reference_metrics.json").read_text())

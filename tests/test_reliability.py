@@ -14,10 +14,11 @@ import torch
 
 import fedbat.compressors as C
 from fedbat import checkpoint, clientstore
+from fedbat.assembly import build_datamodule, build_task
 from fedbat.cli import main
 from fedbat.client import LocalTraining, train_client
 from fedbat.compressors.packet import pack, unpack
-from fedbat.loop import build_datamodule, build_task, run
+from fedbat.lifecycle import run
 from fedbat.server import Server
 from fedbat.strategies import build as build_strategy
 from tests.conftest import make_cfg

@@ -17,7 +17,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from fedbat import checkpoint
-from fedbat.loop import run
+from fedbat.lifecycle import run
 from tests import slurm_jobs
 from tests.conftest import make_cfg
 from tests.test_multiprocess import assert_same_run

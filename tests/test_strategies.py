@@ -10,7 +10,7 @@ from torch import nn
 
 from fedbat import checkpoint, clientstore
 from fedbat.errors import ConfigError
-from fedbat.loop import run
+from fedbat.lifecycle import run
 from fedbat.strategies import STRATEGIES, build
 from tests.conftest import make_cfg
 from tests.test_loop import stable
@@ -123,7 +123,7 @@ def test_fedprox_with_mu_0_equals_fedavg_bitwise(tmp_path):
 def test_fedprox_pulls_clients_towards_the_global_model(tmp_path):
     """A large mu keeps each client's update small: after a round the global model has
     moved less from where it started than under FedAvg."""
-    from fedbat.loop import build_datamodule, build_task
+    from fedbat.assembly import build_datamodule, build_task
 
     cfg = make_cfg(tmp_path / "avg", "fed.rounds=1")
     start = build_task(cfg, build_datamodule(cfg)).state_dict()

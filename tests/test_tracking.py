@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from fedbat import checkpoint
 from fedbat.cli import main
 from fedbat.errors import ConfigError
-from fedbat.loop import run
+from fedbat.lifecycle import run
 from fedbat.progress import RoundProgress
 from tests.conftest import make_cfg
 from tests.wandb_records import read_run
@@ -297,7 +297,7 @@ def test_wandb_sweep_yaml_gives_commands_fedbat_accepts():
     composes and validates; the agent itself needs a W&B server, which tests do not reach."""
     import itertools
 
-    from fedbat.cli import prevalidate
+    from fedbat.compose import prevalidate
 
     spec = OmegaConf.to_container(OmegaConf.load("examples/wandb_sweep.yaml"))
     command = spec["command"]

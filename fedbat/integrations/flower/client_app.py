@@ -22,6 +22,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig, OmegaConf
 
+from fedbat.assembly import build_datamodule, build_plan, build_task, place
 from fedbat.client import ClientData, LocalTraining, input_conversion, train_client
 from fedbat.compressors import Compressor, ErrorFeedback, TensorSpec, build_pair, decode_update
 from fedbat.compressors.packet import frozen_specs
@@ -34,7 +35,6 @@ from fedbat.integrations.flower.protocol import (
     result_record,
     unpack_state,
 )
-from fedbat.loop import build_datamodule, build_plan, build_task, place
 from fedbat.strategies import Strategy
 from fedbat.strategies import build as build_strategy
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from fedbat.config import run_name
 from fedbat.integrations.flower import watchdog
 from fedbat.rundir import RunDirLock
 
@@ -77,7 +78,7 @@ def job_config(overrides: list[str], supernodes: int) -> DictConfig:
     """The resolved job: ``fedbat train``'s config with one client per SuperNode (and at
     most all of them a round unless ``fed.clients_per_round`` is given), and a run dir under
     ``runs/flower/`` unless ``run_dir`` is given."""
-    from fedbat.cli import compose
+    from fedbat.compose import compose
     from fedbat.config import cap_rounds
 
     cfg = compose(overrides)
@@ -95,9 +96,9 @@ def job_config(overrides: list[str], supernodes: int) -> DictConfig:
     if not any(o.startswith("fed.clients_per_round=") for o in overrides):
         cfg.fed.clients_per_round = min(cfg.fed.clients_per_round, supernodes)
     if cfg.run_dir is None:
-        kept = sorted(o for o in overrides if not o.startswith(("data.num_clients", "progress")))
+        kept = [o for o in overrides if not o.startswith("data.num_clients")]
         name = f"{cfg.data.name}_{cfg.model.name}_{cfg.compressor.name}"
-        cfg.run_dir = str(Path("runs", "flower", name, ",".join(kept) or "default"))
+        cfg.run_dir = str(Path("runs", "flower", name, run_name(kept)))
     cfg.run_dir = str(Path(cfg.run_dir).resolve())
     cfg.progress = False  # the ServerApp's output is Flower's log stream, not a terminal
     return cfg
@@ -110,9 +111,10 @@ def preflight(cfg: DictConfig) -> RunDirLock:
     dir's lock, which the launcher holds for the whole deployment; a dir created only for
     this check is removed again."""
     from fedbat import rundir
+    from fedbat.assembly import build_datamodule, build_plan, build_task
     from fedbat.contract import ServerSchedule
     from fedbat.errors import ConfigError
-    from fedbat.loop import build_datamodule, build_plan, build_task, resume_state
+    from fedbat.lifecycle import resume_state
 
     run_dir = Path(cfg.run_dir)
     created = not run_dir.exists()
@@ -336,8 +338,8 @@ def check_args(ns: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str]) -> int:
-    from fedbat.cli import fail, prevalidate
-    from fedbat.errors import ConfigError
+    from fedbat.compose import prevalidate
+    from fedbat.errors import ConfigError, fail
 
     ns, overrides = parse(argv)
     if problem := check_args(ns):

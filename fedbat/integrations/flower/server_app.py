@@ -1,7 +1,7 @@
 """A Flower ServerApp that runs fedbat's loop with Flower messages as the transport.
 
 Sampling, the downlink each client needs, packet validation, the strategy, checkpoints and
-loggers are fedbat's own (``fedbat.loop.run``); only the way a round's clients are reached
+loggers are fedbat's own (``fedbat.lifecycle.run``); only the way a round's clients are reached
 differs: one train message per sampled client to the SuperNode that serves it, carrying the
 downlink packets, and the fedbat packet back. A client that does not reply within
 ``round-timeout`` seconds (killed, disconnected) or replies with an error is rejected alone
@@ -24,8 +24,9 @@ from omegaconf import OmegaConf
 from fedbat.client import ClientResult
 from fedbat.downlink import Delivery, encode_full
 from fedbat.errors import ConfigError, PeerLost
+from fedbat.federation import Federation
 from fedbat.integrations.flower.protocol import RECORD, failed, result_from_record
-from fedbat.loop import Federation, run
+from fedbat.lifecycle import run
 
 app = ServerApp()
 POLL_S = 0.2  # between pulls of a round's replies (Flower's own send_and_receive waits 3 s)

@@ -1,0 +1,182 @@
+"""Building a run's parts from its config: the Fabric, the task (on its device and in its
+precision), the data split over clients, and the wire plan. The in-job loop, the Flower
+apps, ``fedbat.fit`` and the benchmarks build them here, one way."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from fnmatch import fnmatch
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric import Fabric
+from omegaconf import DictConfig, OmegaConf
+
+from fedbat.client import ClientData
+from fedbat.compressors import TensorSpec, wire_plan
+from fedbat.compressors.packet import frozen_specs, module_types
+from fedbat.contract import probe_training_step
+from fedbat.datamodules import FederatedDataModule
+from fedbat.datamodules.dataset import from_datamodule
+from fedbat.errors import ConfigError
+from fedbat.models import build as build_model
+from fedbat.models import check_fits
+from fedbat.task import ClassificationTask
+
+
+def build_fabric(cfg: DictConfig) -> Fabric:
+    t = cfg.trainer
+    strategy = t.strategy
+    if strategy == "auto" and (t.devices not in (1, "1") or t.num_nodes > 1):
+        strategy = "ddp"
+    with warnings.catch_warnings():  # a local run on a cluster's login node is no mistake
+        warnings.filterwarnings("ignore", message="The `srun` command is available")
+        try:
+            return Fabric(
+                accelerator=t.accelerator,
+                devices=t.devices,
+                num_nodes=t.num_nodes,
+                strategy=strategy,
+                precision=t.precision,
+            )
+        except RuntimeError as err:  # e.g. SLURM's --ntasks, which Lightning does not read
+            raise ConfigError(f"trainer: {' '.join(str(err).split())}") from None
+
+
+def place(task: L.LightningModule, fabric: Fabric) -> L.LightningModule:
+    """``task`` on this process's device, in the dtype of ``trainer.precision`` (``bf16-true``
+    and ``16-true`` convert the weights, as Fabric does)."""
+    return fabric.strategy.precision.convert_module(task.to(fabric.device))
+
+
+def threads_per_process(cfg: DictConfig, fabric: Fabric) -> int:
+    """``trainer.threads``, else the cores shared out over this node's processes: CPU
+    processes that each spawn one thread per core fight over the cores and crawl."""
+    if cfg.trainer.get("threads"):
+        return int(cfg.trainer.threads)
+    local = max(1, fabric.world_size // max(1, int(cfg.trainer.num_nodes)))
+    return max(1, (os.cpu_count() or 1) // local) if local > 1 else torch.get_num_threads()
+
+
+def build_task(cfg: DictConfig, dm: ClientData) -> L.LightningModule:
+    """``task._target_`` (a user's LightningModule) when set; else the built-in task around
+    ``model`` (a registry name, or ``model._target_``). Initialised from the run seed
+    alone, identically on every rank."""
+    torch.manual_seed(cfg.seed)
+    if cfg.task.get("_target_"):
+        return instantiate_target(cfg.task, "task")
+    if not hasattr(dm, "input_shape"):  # a user's datamodule: shapes unknown to fedbat
+        raise ConfigError(
+            "datamodule._target_: the built-in classifier needs a registered dataset's input "
+            "shape; give your LightningModule too (task._target_=...)"
+        )
+    params = {k: v for k, v in cfg.model.items() if k != "name"}
+    if cfg.model.get("_target_"):
+        model = instantiate_target(OmegaConf.create(params), "model")
+    else:
+        with warnings.catch_warnings():  # a model too big for the input says so just below
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            model = build_model(cfg.model.name, dm.input_shape, dm.num_classes, **params)
+        check_fits(model, cfg.model.name, dm.input_shape)
+    f = cfg.fed
+    return ClassificationTask(model, dm.num_classes, f.lr, f.momentum, f.weight_decay)
+
+
+def build_plan(
+    cfg: DictConfig,
+    task: torch.nn.Module,
+    data: ClientData,
+    convert: Callable[[Any], Any] = lambda batch: batch,
+) -> list[TensorSpec]:
+    """The wire plan of ``policy``: which of the task's tensors travel and which of those are
+    compressed. Only what trains travels: parameters with gradients, and the buffers that a
+    training step (on a copy, on client 0's first batch) changes or ``policy.travel`` names;
+    that step also refuses a ``training_step`` that cannot be trained, before any work.
+    ``convert`` is the precision's input conversion (``bf16-true``: float tensors to bf16)."""
+    p = cfg.policy
+    batches = data.client_batches(0, cfg.fed.batch_size, torch.Generator(), _device(task))
+    batch = next(map(convert, batches), None)
+    buffers = {n for n, _ in task.named_buffers()}
+    changed = probe_training_step(task, batch) if batch is not None else buffers
+    frozen = {n for n in buffers - changed if not any(fnmatch(n, t) for t in p.travel)}
+    modules = module_types(p.modules)
+    return wire_plan(task, p.min_numel, modules, list(p.include), list(p.exclude), frozen)
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    return next((t.device for t in module.state_dict().values()), torch.device("cpu"))
+
+
+def describe_plan(plan: list[TensorSpec], task: torch.nn.Module) -> str | None:
+    """The line a run starts with when some of its tensors are frozen (None when all travel).
+
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 300), torch.nn.Linear(300, 2))
+    >>> _ = net[0].requires_grad_(False)
+    >>> describe_plan(wire_plan(net), net)
+    'fedbat: 2 tensors travel (602 elements, 1 compressed); 2 frozen stay (1,500 elements: ...)'
+    """
+    frozen = frozen_specs(task, plan)
+    if not frozen:
+        return None
+    moving = sum(s.numel for s in plan)
+    return (
+        f"fedbat: {len(plan)} tensors travel ({moving:,} elements, "
+        f"{sum(s.compressed for s in plan)} compressed); {len(frozen)} frozen stay "
+        f"({sum(s.numel for s in frozen):,} elements: requires_grad=False, or buffers a "
+        "training step leaves alone; sent once, in the model a client first receives)"
+    )
+
+
+def build_datamodule(cfg: DictConfig) -> ClientData:
+    """``datamodule._target_`` (a user's LightningDataModule) split over clients lazily, or
+    the built-in in-memory reader ``data.name``."""
+    if cfg.datamodule.get("_target_"):
+        return from_datamodule(instantiate_target(cfg.datamodule, "datamodule"), **split_args(cfg))
+    d = OmegaConf.to_container(cfg.data, resolve=True)
+    assert isinstance(d, dict)
+    d = {k: v for k, v in d.items() if k not in ("label_fn", "client_key")}
+    dm = FederatedDataModule(seed=cfg.seed, **d)  # type: ignore[arg-type]
+    dm.setup()
+    return dm
+
+
+def split_args(cfg: DictConfig) -> dict[str, Any]:
+    """How a user's dataset is split: the ``data`` keys, and ``data.label_fn`` /
+    ``data.client_key`` as dotted paths of functions."""
+    d = cfg.data
+    out: dict[str, Any] = {
+        "num_clients": d.num_clients,
+        "partition_name": d.partition,
+        "seed": cfg.seed,
+        "alpha": d.alpha,
+        "classes_per_client": d.classes_per_client,
+        "class_assignment": d.class_assignment,
+    }
+    for key in ("label_fn", "client_key"):
+        if d.get(key):
+            out[key] = resolve_function(f"data.{key}", d[key])
+    return out
+
+
+def instantiate_target(node: DictConfig, key: str) -> Any:
+    """``hydra.utils.instantiate`` with a one-line error naming ``key._target_``."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        reason = " ".join(str(err).split())[:200]
+        raise ConfigError(f"{key}._target_={node._target_!r}: {reason}") from None
+
+
+def resolve_function(key: str, path: str) -> Any:
+    from hydra.utils import get_method
+
+    try:
+        return get_method(path)
+    except Exception as err:
+        raise ConfigError(f"{key}={path!r}: not an importable function ({err})") from None
