@@ -19,7 +19,7 @@ import torch
 from omegaconf import open_dict
 
 from fedbat.assembly import build_datamodule, build_task
-from fedbat.client import LocalTraining, train_client
+from fedbat.client import ClientJob, ClientSetup, LocalTraining, train_client
 from fedbat.compose import compose
 from fedbat.compressors import build_pair, wire_plan
 from fedbat.lifecycle import run
@@ -59,7 +59,8 @@ def profile_one_client(rows: int) -> str:
     local = LocalTraining(2, 64, 0, torch.device("cpu"))
     held = {k: v.clone() for k, v in task.state_dict().items()}
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        train_client(task, held, dm, 0, 0, local, plan, uplink, None)
+        setup = ClientSetup(task=task, data=dm, local=local, plan=plan, uplink=uplink)
+        train_client(setup, ClientJob(client=0, round=0, held=held))
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 

@@ -57,6 +57,12 @@ class Compressor:
             raise ConfigError(f"error_feedback={error_feedback!r}: must be true or false")
         self.error_feedback = error_feedback
 
+    @property
+    def needs_memory(self) -> bool:
+        """Whether this link keeps error-feedback residuals: the one rule, everywhere (asked
+        for, and lossy: the identity leaves nothing to feed back)."""
+        return self.error_feedback and not self.lossless
+
     def encode(self, x: torch.Tensor, generator: torch.Generator) -> Fields:
         """fp32 tensor -> the compact tensors that travel (fields)."""
         raise NotImplementedError

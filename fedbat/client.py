@@ -54,17 +54,18 @@ class ClientData(Protocol):
     # optional: ``val_batches(batch_size, device)``, the validation data (None without)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ClientResult:
-    """What a client hands to the exchange: its packet and the facts the server weighs."""
+    """What a client hands to the exchange: its packet and the facts the server weighs
+    (built by name: a reordered field can never shift the others)."""
 
     client: int
-    data: bytes
-    payload_bits: int
-    num_samples: int
-    train_loss: float
-    compress_s: float
-    residuals: dict[str, torch.Tensor]  # this client's error-feedback state after encoding
+    data: bytes = b""
+    payload_bits: int = 0
+    num_samples: int = 0
+    train_loss: float = math.nan
+    compress_s: float = 0.0
+    residuals: dict[str, torch.Tensor] = field(default_factory=dict)  # its EF state after encoding
     failure: str = ""  # why the client sent nothing (its packet is then empty)
     logs: dict[str, float] = field(default_factory=dict)  # training_step's self.log, averaged
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # the strategy's, per client
@@ -92,28 +93,45 @@ class LocalTraining:
         return self.epochs * math.ceil(num_samples / self.batch_size)
 
 
-def train_client(
-    task: torch.nn.Module,
-    held: dict[str, torch.Tensor],
-    data: ClientData,
-    client: int,
-    round_idx: int,
-    cfg: LocalTraining,
-    plan: list[TensorSpec],
-    uplink: Compressor,
-    memory: ErrorFeedback | None,
-    schedule: ServerSchedule | None = None,
-    strategy: Strategy | None = None,
-    extra: dict[str, torch.Tensor] | None = None,
-    state: dict[str, torch.Tensor] | None = None,
-) -> ClientResult:
-    """Train ``client`` from the weights it holds and encode ``w_client - held``.
+@dataclass(frozen=True, kw_only=True)
+class ClientSetup:
+    """What every client of a run shares: the worker module, the data, how a client trains
+    and what it sends. Built once (``fedbat/assembly.py``), by the in-job round and the
+    Flower ClientApp alike."""
 
-    ``task`` is a reused worker LightningModule on ``cfg.device``, run under its own contract
-    (``fedbat/contract.py``); all of this client's randomness (data order, FedBAT draws,
-    dropout) is seeded by (seed, round, client). ``extra`` is the strategy's broadcast
-    state the client holds, ``state`` the client's own from its last round.
+    task: torch.nn.Module  # a reused worker LightningModule on ``local.device``
+    data: ClientData
+    local: LocalTraining
+    plan: list[TensorSpec]
+    uplink: Compressor
+    schedule: ServerSchedule | None = None
+    strategy: Strategy | None = None
+
+
+@dataclass(kw_only=True)
+class ClientJob:
+    """One client's round: who, when, and from what it holds: ``held`` (the model), the
+    strategy's broadcast state ``extra``, its own ``state`` from its last round, and its
+    error-feedback ``memory``."""
+
+    client: int
+    round: int
+    held: dict[str, torch.Tensor]
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    memory: ErrorFeedback | None = None
+
+
+def train_client(setup: ClientSetup, job: ClientJob) -> ClientResult:
+    """Train ``job.client`` from the weights it holds and encode ``w_client - held``.
+
+    The task runs under its own contract (``fedbat/contract.py``); all of this client's
+    randomness (data order, FedBAT draws, dropout) is seeded by (seed, round, client).
     """
+    task, data, cfg, plan, uplink = setup.task, setup.data, setup.local, setup.plan, setup.uplink
+    schedule, strategy = setup.schedule, setup.strategy
+    client, round_idx, held, memory = job.client, job.round, job.held, job.memory
+    extra, state = job.extra, job.state
     seed = derive_seed(cfg.seed, round_idx, client)
     torch.manual_seed(seed)
     data_gen = torch.Generator().manual_seed(seed)
@@ -137,7 +155,7 @@ def train_client(
     _check_frozen(state, held, update)
     if not math.isfinite(train_loss) or not all(all_finite(u.float()) for u in update.values()):
         why = f"non-finite local training (loss {train_loss})"
-        return ClientResult(client, b"", 0, n, train_loss, 0.0, {}, why)
+        return ClientResult(client=client, num_samples=n, train_loss=train_loss, failure=why)
     gen = generator(seed)
     fields = encode_fields(update, plan, uplink, gen, memory, client, preencoded)
     new_state = {}
@@ -149,13 +167,13 @@ def train_client(
     packet = pack(fields, uplink)
     residuals = memory.of(client) if memory is not None else {}
     return ClientResult(
-        client,
-        packet.data,
-        packet.payload_bits,
-        n,
-        train_loss,
-        time.perf_counter() - start,
-        residuals,
+        client=client,
+        data=packet.data,
+        payload_bits=packet.payload_bits,
+        num_samples=n,
+        train_loss=train_loss,
+        compress_s=time.perf_counter() - start,
+        residuals=residuals,
         logs=logs,
         state=new_state,
     )

@@ -31,25 +31,21 @@ def serialise(results: list[ClientResult]) -> bytes:
             if r.data
             else torch.zeros(0, dtype=torch.uint8)
         )
-        facts.append(
-            [
-                *(r.client, r.payload_bits, r.num_samples, r.train_loss, r.compress_s),
-                *(r.failure, r.logs, r.stored, r.reset),
-            ]
-        )
+        facts.append({k: getattr(r, k) for k in FACTS})
     return st_save(tensors, metadata={"facts": json.dumps(facts)})
+
+
+# what travels of a result beside its packet, by name (its own state stays in the store)
+FACTS = ("client", "payload_bits", "num_samples", "train_loss", "compress_s", "failure",
+         "logs", "stored", "reset")  # fmt: skip
 
 
 def deserialise(blob: bytes) -> list[ClientResult]:
     tensors = st_load(blob)
     out = []
-    for client, payload, n, loss, secs, failure, logs, stored, reset in json.loads(
-        read_metadata(blob)["facts"]
-    ):
-        data = tensors[f"{client}/packet"].numpy().tobytes()
-        out.append(
-            ClientResult(client, data, payload, n, loss, secs, {}, failure, logs, {}, stored, reset)
-        )
+    for facts in json.loads(read_metadata(blob)["facts"]):
+        data = tensors[f"{facts['client']}/packet"].numpy().tobytes()
+        out.append(ClientResult(data=data, **{k: facts[k] for k in FACTS}))
     return out
 
 

@@ -17,7 +17,15 @@ from omegaconf import DictConfig, OmegaConf
 from fedbat import exchange
 from fedbat.accounting import BitCounter
 from fedbat.assembly import build_datamodule, build_plan, build_task, place
-from fedbat.client import ClientData, ClientResult, LocalTraining, input_conversion, train_client
+from fedbat.client import (
+    ClientData,
+    ClientJob,
+    ClientResult,
+    ClientSetup,
+    LocalTraining,
+    input_conversion,
+    train_client,
+)
 from fedbat.clientstore import ClientStore
 from fedbat.compressors import ErrorFeedback, build_pair
 from fedbat.contract import ServerSchedule, evaluate, evaluation_plan
@@ -70,7 +78,7 @@ class Federation:
         )
         held = self.server.held | self.server.held_extra
         self.downlink = Downlink(self.dm.num_clients, encode_full(held, self.server.full_plan))
-        self.error_feedback = self.uplink.error_feedback and not self.uplink.lossless
+        self.error_feedback = self.uplink.needs_memory
         self.store = ClientStore(cfg.run_dir, self.dm.num_clients, self._state_template())
         self.bits = BitCounter()
         n = cfg.get("network") or {}
@@ -83,6 +91,15 @@ class Federation:
         self.history: list[dict[str, float]] = []
         self.monitor = str(cfg.get("monitor", "auto"))  # 'auto': resolved at the first evaluation
         self.local = LocalTraining(f.local_epochs, f.batch_size, cfg.seed, fabric.device, fabric)
+        self.setup = ClientSetup(
+            task=self.task,
+            data=self.dm,
+            local=self.local,
+            plan=self.plan,
+            uplink=self.uplink,
+            schedule=self.schedule,
+            strategy=self.server.strategy,
+        )
 
     def _state_template(self) -> dict[str, tuple[torch.Size, torch.dtype]]:
         """What a client's stored state may hold: its residuals (one fp32 tensor per
@@ -143,21 +160,15 @@ class Federation:
         own state, which it writes back to the store: results travel without it."""
         kept = self.store.get(client)
         residuals = {f"{client}/{k}": v for k, v in exchange.under(kept, "residual/").items()}
-        res = train_client(
-            self.task,
-            self.server.held,
-            self.dm,
-            client,
-            r,
-            self.local,
-            self.plan,
-            self.uplink,
-            ErrorFeedback(residuals) if self.error_feedback else None,
-            self.schedule,
-            self.server.strategy,
-            self.server.held_extra,
-            exchange.under(kept, "state/"),
+        job = ClientJob(
+            client=client,
+            round=r,
+            held=self.server.held,
+            extra=self.server.held_extra,
+            state=exchange.under(kept, "state/"),
+            memory=ErrorFeedback(residuals) if self.error_feedback else None,
         )
+        res = train_client(self.setup, job)
         mine = {f"residual/{k.split('/', 1)[1]}": v for k, v in res.residuals.items()}
         mine |= {f"state/{k}": v for k, v in res.state.items()}
         if res.ok and mine:

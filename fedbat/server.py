@@ -87,7 +87,7 @@ class Server:
         self.held = self.global_state()
         self.held_extra = self.strategy.broadcast_state()  # the strategy's, as clients hold it
         self.previous = self.held | self.held_extra  # as of the last broadcast
-        self.memory = ErrorFeedback() if downlink.error_feedback and not downlink.lossless else None
+        self.memory = ErrorFeedback() if downlink.needs_memory else None
 
     def global_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}

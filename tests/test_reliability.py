@@ -16,7 +16,7 @@ import fedbat.compressors as C
 from fedbat import checkpoint, clientstore
 from fedbat.assembly import build_datamodule, build_task
 from fedbat.cli import main
-from fedbat.client import LocalTraining, train_client
+from fedbat.client import ClientJob, ClientSetup, LocalTraining, train_client
 from fedbat.compressors.packet import pack, unpack
 from fedbat.lifecycle import run
 from fedbat.server import Server
@@ -190,7 +190,10 @@ def _round_results(tmp_path: Path, n: int = 4):
     up, down = C.build_pair({"name": "fedbat", "downlink": "none"})
     server = Server(task, plan, up, down)
     local = LocalTraining(1, 32, 0, torch.device("cpu"))
-    results = [train_client(task, server.held, dm, c, 0, local, plan, up, None) for c in range(n)]
+    setup = ClientSetup(task=task, data=dm, local=local, plan=plan, uplink=up)
+    results = [
+        train_client(setup, ClientJob(client=c, round=0, held=server.held)) for c in range(n)
+    ]
     return server, results
 
 

@@ -23,7 +23,14 @@ from flwr.clientapp import ClientApp
 from omegaconf import DictConfig, OmegaConf
 
 from fedbat.assembly import build_datamodule, build_plan, build_task, place
-from fedbat.client import ClientData, LocalTraining, input_conversion, train_client
+from fedbat.client import (
+    ClientData,
+    ClientJob,
+    ClientSetup,
+    LocalTraining,
+    input_conversion,
+    train_client,
+)
 from fedbat.compressors import Compressor, ErrorFeedback, TensorSpec, build_pair, decode_update
 from fedbat.compressors.packet import frozen_specs
 from fedbat.contract import ServerSchedule
@@ -57,6 +64,18 @@ class ClientSide:
     strategy: Strategy
     local: LocalTraining
     schedule: ServerSchedule  # set from each request: the server owns it
+
+    @functools.cached_property
+    def setup(self) -> ClientSetup:
+        return ClientSetup(
+            task=self.task,
+            data=self.data,
+            local=self.local,
+            plan=self.plan,
+            uplink=self.uplink,
+            schedule=self.schedule,
+            strategy=self.strategy,
+        )
 
 
 @functools.lru_cache(maxsize=1)  # a warm ClientApp process serves many rounds
@@ -106,22 +125,15 @@ def train(msg: Message, context: Context) -> Message:
     names = set(side.task.state_dict())  # the model's; the rest is the strategy's
     if request.get("schedule"):
         side.schedule.load_state_dict(json.loads(str(request["schedule"])))
-    memory = ErrorFeedback(stored["residual"]) if side.uplink.error_feedback else None
-    result = train_client(
-        side.task,
-        {k: v for k, v in held.items() if k in names},
-        side.data,
-        client,
-        r,
-        side.local,
-        side.plan,
-        side.uplink,
-        memory,
-        side.schedule,
-        side.strategy,
-        {k: v for k, v in held.items() if k not in names},
-        stored["state"],
+    job = ClientJob(
+        client=client,
+        round=r,
+        held={k: v for k, v in held.items() if k in names},
+        extra={k: v for k, v in held.items() if k not in names},
+        state=stored["state"],
+        memory=ErrorFeedback(stored["residual"]) if side.uplink.needs_memory else None,
     )
+    result = train_client(side.setup, job)
     if result.ok:  # the client keeps the weights it was sent, and its new state
         parts = {"held": held, "residual": result.residuals, "state": result.state}
         context.state[STATE] = ConfigRecord({"blob": pack_state(parts), "version": r})

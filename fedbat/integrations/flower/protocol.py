@@ -3,7 +3,8 @@ and what the client keeps between rounds. Every value is a plain Flower ConfigRe
 (ints, floats, strings, bytes); the model travels only as fedbat packets.
 
 >>> from fedbat.client import ClientResult
->>> res = ClientResult(3, b"packet", 48, 10, 0.5, 0.01, {}, logs={"acc": 0.5})
+>>> res = ClientResult(client=3, data=b"packet", payload_bits=48, num_samples=10,
+...                    train_loss=0.5, compress_s=0.01, logs={"acc": 0.5})
 >>> back = result_from_record(result_record(res), 3, 10)
 >>> (back.client, back.data, back.payload_bits, back.num_samples, back.logs)
 (3, b'packet', 48, 10, {'acc': 0.5})
@@ -57,7 +58,7 @@ def result_record(res: ClientResult) -> dict[str, Any]:
 
 def failed(client: int, why: str) -> ClientResult:
     """A client that sent nothing usable, and why (the server rejects it alone)."""
-    return ClientResult(client, b"", 0, 0, math.nan, 0.0, {}, why)
+    return ClientResult(client=client, failure=why)
 
 
 def result_from_record(record: Mapping[str, Any], client: int, num_samples: int) -> ClientResult:
@@ -79,7 +80,15 @@ def result_from_record(record: Mapping[str, Any], client: int, num_samples: int)
         return failed(client, "malformed reply (packet, logs or train_loss)")
     if facts[1] != num_samples:
         return failed(client, f"claims {facts[1]} samples; its partition has {num_samples}")
-    return ClientResult(client, packet, facts[0], facts[1], loss, secs, {}, logs={**logs})
+    return ClientResult(
+        client=client,
+        data=packet,
+        payload_bits=facts[0],
+        num_samples=facts[1],
+        train_loss=loss,
+        compress_s=secs,
+        logs={**logs},
+    )
 
 
 def pack_state(parts: Mapping[str, Mapping[str, torch.Tensor]]) -> bytes:
