@@ -70,11 +70,11 @@ class Federation:
             self.plan,
             self.uplink,
             downlink,
-            build_strategy(OmegaConf.to_container(cfg.strategy, resolve=True)),
-            cfg.seed,
-            f.max_update_ratio,
-            f.batch_size if f.weight_by == "batches" else None,
-            self.dm.num_clients,
+            strategy=build_strategy(OmegaConf.to_container(cfg.strategy, resolve=True)),
+            seed=cfg.seed,
+            max_update_ratio=f.max_update_ratio,
+            weight_batch_size=f.batch_size if f.weight_by == "batches" else None,
+            num_clients=self.dm.num_clients,
         )
         held = self.server.held | self.server.held_extra
         self.downlink = Downlink(self.dm.num_clients, encode_full(held, self.server.full_plan))

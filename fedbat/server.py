@@ -66,6 +66,7 @@ class Server:
         plan: list[TensorSpec],
         uplink: Compressor,
         downlink: Compressor,
+        *,
         strategy: Strategy | None = None,
         seed: int = 0,
         max_update_ratio: float | None = 1000.0,

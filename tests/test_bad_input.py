@@ -13,7 +13,7 @@ import pytest
 from fedbat.cli import main
 from fedbat.lifecycle import run
 from tests.conftest import fill, make_cfg
-from tests.test_reliability import cli, metric_rows
+from tests.helpers import metric_rows, train_command
 
 NAN_KEYS = [
     "fed.lr",
@@ -148,10 +148,12 @@ def test_second_run_in_the_same_dir_fails_at_once_naming_the_holder(tmp_path):
     run_dir = tmp_path / "run"
     long = [*PACED, "fed.rounds=500"]  # minutes of sleeping steps: the second comes in between
     first = subprocess.Popen(
-        cli(run_dir, *long), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=PACED_ENV
+        train_command(run_dir, *long), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=PACED_ENV
     )
     wait_for(run_dir / "checkpoint.pt", first)  # a round logged: the holder is mid-run
-    second = subprocess.run(cli(run_dir, *long), capture_output=True, text=True, timeout=60)
+    second = subprocess.run(
+        train_command(run_dir, *long), capture_output=True, text=True, timeout=60
+    )
     assert first.poll() is None  # the holder was still running throughout
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=60) == 143
@@ -175,7 +177,9 @@ def test_stale_temporary_checkpoint_is_cleaned_up(tmp_path):
 def test_sigterm_in_round_0_does_not_claim_a_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        cli(run_dir, "model=cnn", "fed.local_epochs=1000", "fed.rounds=2"),  # round 0: > 1 min
+        train_command(
+            run_dir, "model=cnn", "fed.local_epochs=1000", "fed.rounds=2"
+        ),  # round 0: > 1 min
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -195,7 +199,10 @@ def test_run_dir_gone_mid_run_is_one_line(tmp_path):
     line, exit 2."""
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        cli(run_dir, *PACED), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=PACED_ENV
+        train_command(run_dir, *PACED),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=PACED_ENV,
     )
     wait_for(run_dir / "checkpoint.pt", proc)
     shutil.rmtree(run_dir)

@@ -9,21 +9,12 @@ import pytest
 import torch
 
 from fedbat.cli import main
-
-
-def fedbat(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fedbat.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+from tests.helpers import fedbat_cli
 
 
 @pytest.mark.slow
 def test_train_with_overrides_writes_metrics(tmp_path):
-    out = fedbat(
+    out = fedbat_cli(
         "train",
         "fed.rounds=2",
         "data.partition=dirichlet",
@@ -44,7 +35,7 @@ def test_train_with_overrides_writes_metrics(tmp_path):
 
 @pytest.mark.slow
 def test_cfg_job_prints_resolved_config(tmp_path):
-    out = fedbat(
+    out = fedbat_cli(
         "train", "--cfg", "job", "data=fmnist", "model=cnn4", "compressor=topk", cwd=tmp_path
     )
     assert out.returncode == 0, out.stderr
@@ -78,7 +69,7 @@ def test_unknown_names_fail_in_one_line(args, needle, capsys, tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_missing_dataset_exits_2_with_one_line(tmp_path):
-    out = fedbat("train", "data=cifar10", f"data.root={tmp_path / 'none'}", cwd=tmp_path)
+    out = fedbat_cli("train", "data=cifar10", f"data.root={tmp_path / 'none'}", cwd=tmp_path)
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "files not found" in lines[0] and "Traceback" not in out.stderr
@@ -174,7 +165,7 @@ def test_runs_from_a_project_with_its_own_configs_and_compressors(tmp_path, laun
 
 @pytest.mark.slow
 def test_train_help_explains_the_keys(tmp_path):
-    out = fedbat("train", "--help", cwd=tmp_path)
+    out = fedbat_cli("train", "--help", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "fedbat train [group=option ...]" in out.stdout
     assert "strategy: fedadagrad, fedadam, fedavg" in out.stdout  # the groups, from Hydra

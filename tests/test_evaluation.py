@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Subset
 
 import fedbat
-from tests.test_loop import rows
+from tests.helpers import rows
 from tests.user_project.lit import DigitsDicts, DigitsThreeWay, DocsClassifier, LitClassifier
 
 BASE = ["fed.rounds=3", "fed.clients_per_round=5", "data.num_clients=10", "progress=false"]

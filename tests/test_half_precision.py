@@ -15,7 +15,7 @@ from fedbat.compressors.packet import wire_plan
 from fedbat.errors import PacketError
 from fedbat.lifecycle import run
 from tests.conftest import make_cfg
-from tests.test_loop import rows
+from tests.helpers import rows
 
 NET = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
 

@@ -11,7 +11,7 @@ import torch
 import fedbat
 from fedbat import checkpoint, clientstore
 from fedbat.errors import ConfigError
-from tests.test_loop import rows
+from tests.helpers import rows
 from tests.user_project.lit import (
     DigitsDataModule,
     LitClassifier,

@@ -1,6 +1,3 @@
-import csv
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -10,17 +7,7 @@ from fedbat.assembly import build_datamodule, build_task
 from fedbat.lifecycle import run
 from fedbat.seeding import sample_clients
 from tests.conftest import make_cfg
-
-VOLATILE = ("time/",)
-
-
-def rows(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def stable(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in h.items() if not k.startswith(VOLATILE)} for h in history]
+from tests.helpers import rows, stable
 
 
 def test_digits_loss_falls_and_accuracy_rises(tmp_path):

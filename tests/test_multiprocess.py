@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-import torch
 
 from fedbat import checkpoint, clientstore
 from fedbat.lifecycle import run
 from tests.conftest import make_cfg
+from tests.helpers import assert_same_run
 
 pytestmark = pytest.mark.slow  # every test starts processes: .ci/run's slow step
 
@@ -41,25 +41,6 @@ def two_processes(
         text=True,
         timeout=240,
     )
-
-
-def assert_same_run(one_dir: Path, two_dir: Path) -> None:
-    """Same per-round metrics, global and held weights, error-feedback residuals and the
-    strategy's per-client state (SCAFFOLD's control variates)."""
-    one = checkpoint.load(one_dir / "checkpoint.pt")
-    two = checkpoint.load(two_dir / "checkpoint.pt")
-
-    def stable(history):
-        return [{k: v for k, v in h.items() if not k.startswith("time/")} for h in history]
-
-    assert stable(one["history"]) == stable(two["history"])
-    for part in ("global", "held", "held_extra"):
-        for k, v in one["server"][part].items():
-            assert torch.equal(v, two["server"][part][k]), (part, k)
-    ones, twos = clientstore.read(one_dir, one), clientstore.read(two_dir, two)
-    assert ones.keys() == twos.keys()  # right whichever rank trained whom
-    for k, v in ones.items():
-        assert torch.equal(v, twos[k]), k
 
 
 # Float reductions (matmul, convolution) split their sums by the intra-op thread count, and

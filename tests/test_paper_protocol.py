@@ -62,9 +62,9 @@ def test_fmnist_per_split_normalisation_uses_the_test_statistics():
 
 
 def test_weighting_by_batches(tmp_path):
-    from tests.test_reliability import _round_results
+    from tests.helpers import round_results
 
-    server, results = _round_results(tmp_path, 2)
+    server, results = round_results(tmp_path, 2)
     assert [server.weight(n) for n in (64, 65, 1)] == [64, 65, 1]
     server.weight_batch_size = 64
     assert [server.weight(n) for n in (64, 65, 1)] == [1, 2, 1]

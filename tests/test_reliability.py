@@ -1,11 +1,9 @@
 """Resume after SIGKILL, validated configs, untrusted packets, clean interrupts."""
 
 import copy
-import csv
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,33 +14,14 @@ import fedbat.compressors as C
 from fedbat import checkpoint, clientstore
 from fedbat.assembly import build_datamodule, build_task
 from fedbat.cli import main
-from fedbat.client import ClientJob, ClientSetup, LocalTraining, train_client
 from fedbat.compressors.packet import pack, unpack
 from fedbat.lifecycle import run
 from fedbat.server import Server
 from fedbat.strategies import build as build_strategy
 from tests.conftest import make_cfg
+from tests.helpers import forge_raw, metric_rows, round_results, train_command
 
 SLOW = ["model=cnn", "fed.local_epochs=4", "compressor=ef_signsgd"]  # ~0.3 s/round, with state
-
-
-def cli(run_dir: Path, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "fedbat.cli",
-        "train",
-        f"hydra.run.dir={run_dir}",
-        "progress=true",
-        *args,
-    ]
-
-
-def metric_rows(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "metrics.csv") as f:
-        return [
-            {k: v for k, v in r.items() if not k.startswith("time/")} for r in csv.DictReader(f)
-        ]
 
 
 def wait_for_rows(run_dir: Path, n: int, proc: subprocess.Popen, limit: float = 120) -> None:
@@ -60,14 +39,16 @@ def test_sigkill_mid_round_then_rerun_equals_uninterrupted(tmp_path):
     whole = tmp_path / "whole"
     run(make_cfg(whole, *args))  # uninterrupted, in this process
     broken = tmp_path / "broken"
-    proc = subprocess.Popen(cli(broken, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        train_command(broken, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     wait_for_rows(broken, 3, proc)
     time.sleep(0.1)  # well inside a later round's local training
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = checkpoint.load(broken / "checkpoint.pt")["round"]
     assert 3 <= done < 10
-    again = subprocess.run(cli(broken, *args), capture_output=True, text=True)
+    again = subprocess.run(train_command(broken, *args), capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert f"resuming {broken} after round {done}" in again.stdout + again.stderr
     assert metric_rows(broken) == metric_rows(whole)
@@ -92,7 +73,7 @@ def test_sigkill_mid_round_then_rerun_equals_uninterrupted(tmp_path):
 def test_sigterm_and_ctrl_c_exit_nonzero_with_intact_checkpoint(tmp_path, sig, code, named):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        cli(run_dir, *SLOW, "fed.rounds=200"),
+        train_command(run_dir, *SLOW, "fed.rounds=200"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -114,7 +95,9 @@ def test_sigusr1_finishes_the_round_checkpoints_and_stops(tmp_path):
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     args = [*SLOW, "fed.rounds=200", "checkpoint.every=1000"]
-    proc = subprocess.Popen(cli(run_dir, *args), stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        train_command(run_dir, *args), stderr=subprocess.PIPE, text=True, env=env
+    )
     wait_for_rows(run_dir, 2, proc)
     proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=60)
@@ -182,21 +165,6 @@ def test_bad_config_one_line_exit_2_run_dir_untouched(overrides, needle, existin
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
 
 
-def _round_results(tmp_path: Path, n: int = 4):
-    cfg = make_cfg(tmp_path, "compressor=fedbat", "model=cnn")
-    dm = build_datamodule(cfg)
-    task = build_task(cfg, dm)
-    plan = C.wire_plan(task)
-    up, down = C.build_pair({"name": "fedbat", "downlink": "none"})
-    server = Server(task, plan, up, down)
-    local = LocalTraining(1, 32, 0, torch.device("cpu"))
-    setup = ClientSetup(task=task, data=dm, local=local, plan=plan, uplink=up)
-    results = [
-        train_client(setup, ClientJob(client=c, round=0, held=server.held)) for c in range(n)
-    ]
-    return server, results
-
-
 def _flip(data: bytes, index: int) -> bytes:
     b = bytearray(data)
     b[index] ^= 0xFF
@@ -204,7 +172,7 @@ def _flip(data: bytes, index: int) -> bytes:
 
 
 def test_fuzzed_packets_rejected_round_completes(tmp_path):
-    server, results = _round_results(tmp_path, 6)
+    server, results = round_results(tmp_path, 6)
     good = results[0].data
     header = int.from_bytes(good[:8], "little")
     fields = unpack(good, server.plan, server.uplink)
@@ -231,7 +199,7 @@ def test_fuzzed_packets_rejected_round_completes(tmp_path):
 
 
 def test_random_bit_flips_never_make_global_non_finite(tmp_path):
-    server, results = _round_results(tmp_path, 2)
+    server, results = round_results(tmp_path, 2)
     g = torch.Generator().manual_seed(0)
     for _ in range(40):
         data = bytearray(results[0].data)
@@ -243,7 +211,7 @@ def test_random_bit_flips_never_make_global_non_finite(tmp_path):
 
 
 def test_wrong_shape_packet_rejected(tmp_path):
-    server, results = _round_results(tmp_path, 2)
+    server, results = round_results(tmp_path, 2)
     other = C.wire_plan(
         build_task(make_cfg(tmp_path, "model=mlp"), build_datamodule(make_cfg(tmp_path)))
     )
@@ -281,20 +249,10 @@ def _forge_scale(data: bytes, server: Server, scale: float) -> bytes:
     return pack(fields, server.uplink).data
 
 
-def _forge_raw(data: bytes, server: Server, value: float) -> tuple[bytes, str]:
-    """A client's real packet with one element of an uncompressed parameter set to
-    ``value`` (finite), and that parameter's name."""
-    fields = unpack(data, server.plan, server.uplink)
-    name = next(s.name for s in server.plan if not s.compressed and s.name in server.params)
-    fields[name]["raw"] = fields[name]["raw"].clone()
-    fields[name]["raw"][0] = value
-    return pack(fields, server.uplink).data, name
-
-
 @pytest.mark.parametrize("value", [1e30, 3e38])
 def test_one_huge_but_finite_update_costs_only_its_own_client(tmp_path, value):
-    server, results = _round_results(tmp_path, 4)
-    results[2].data, _ = _forge_raw(results[2].data, server, value)
+    server, results = round_results(tmp_path, 4)
+    results[2].data, _ = forge_raw(results[2].data, server, value)
     before = server.global_state()
     agg = server.aggregate(results, {r.client for r in results})
     assert list(agg.rejected) == [results[2].client]
@@ -309,7 +267,7 @@ def test_one_huge_but_finite_update_costs_only_its_own_client(tmp_path, value):
 def test_a_forged_fedbat_step_size_inside_the_norm_bound_is_rejected(tmp_path, scale):
     """Honest clients clamp their step sizes to [5e-4, 5e-2]; 5x that (0.25) stays far
     inside the default norm bound, yet is refused, as is one below the range."""
-    server, results = _round_results(tmp_path, 3)
+    server, results = round_results(tmp_path, 3)
     results[1].data = _forge_scale(results[1].data, server, scale)
     agg = server.aggregate(results, {r.client for r in results})
     assert agg.accepted == [results[0].client, results[2].client]  # honest scales pass
@@ -319,7 +277,7 @@ def test_a_forged_fedbat_step_size_inside_the_norm_bound_is_rejected(tmp_path, s
 def test_a_replayed_or_unsampled_result_is_rejected(tmp_path):
     """A transport that delivers one client's result twice, or a client that was not
     sampled: neither counts; the other clients do."""
-    server, results = _round_results(tmp_path, 3)
+    server, results = round_results(tmp_path, 3)
     replayed = [results[0], results[1], copy.copy(results[1]), results[2]]
     agg = server.aggregate(replayed, {0, 1, 2})
     assert agg.accepted == [0, 2] and "2 results in one round" in agg.rejected[1]
@@ -331,7 +289,7 @@ def test_rollback_restores_the_strategy_state_too(tmp_path):
     """FedAdam with the norm bound off: one 3e38 value makes the second moment infinite
     while the model stays finite (its step is m / inf = 0). The rollback covers the
     strategy's state, so that layer keeps training in the next honest round."""
-    server, results = _round_results(tmp_path, 3)
+    server, results = round_results(tmp_path, 3)
     server.max_update_ratio = None
     server.strategy = build_strategy("fedadam")
     server.strategy.setup(server.params)
@@ -339,7 +297,7 @@ def test_rollback_restores_the_strategy_state_too(tmp_path):
     before = copy.deepcopy(server.strategy.state_dict()), server.global_state()
     poisoned = list(results)
     poisoned[0] = copy.copy(results[0])
-    poisoned[0].data, name = _forge_raw(results[0].data, server, 3e38)
+    poisoned[0].data, name = forge_raw(results[0].data, server, 3e38)
     agg = server.aggregate(poisoned, {0, 1, 2})
     assert not agg.accepted and set(agg.rejected.values()) == {"the aggregate overflowed"}
     for part in ("m", "v"):
@@ -350,7 +308,7 @@ def test_rollback_restores_the_strategy_state_too(tmp_path):
 
 
 def test_empty_packet_is_not_called_non_finite_training(tmp_path):
-    server, results = _round_results(tmp_path, 2)
+    server, results = round_results(tmp_path, 2)
     results[1].data = b""
     assert server.aggregate(results, {r.client for r in results}).rejected == {
         results[1].client: "empty packet"

@@ -20,7 +20,7 @@ from fedbat import checkpoint
 from fedbat.lifecycle import run
 from tests import slurm_jobs
 from tests.conftest import make_cfg
-from tests.test_multiprocess import assert_same_run
+from tests.helpers import assert_same_run
 
 REASON = slurm_jobs.reason_to_skip()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=str(REASON))

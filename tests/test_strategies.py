@@ -13,7 +13,7 @@ from fedbat.errors import ConfigError
 from fedbat.lifecycle import run
 from fedbat.strategies import STRATEGIES, build
 from tests.conftest import make_cfg
-from tests.test_loop import stable
+from tests.helpers import stable
 
 
 def step(strategy, p0: float, deltas: list[float]) -> float:
@@ -62,9 +62,9 @@ def test_yogi_differs_from_adam_where_v_exceeds_delta_squared():
 
 def test_weighted_mean_reaches_the_strategy(tmp_path):
     """The server hands the strategy the sample-weighted mean of the decoded updates."""
-    from tests.test_reliability import _round_results
+    from tests.helpers import round_results
 
-    server, results = _round_results(tmp_path, 3)
+    server, results = round_results(tmp_path, 3)
     seen = {}
     server.strategy.apply = lambda delta: seen.update(delta)  # record, do not move
     server.aggregate(results, {r.client for r in results})
@@ -83,9 +83,9 @@ def test_the_round_updates_reach_the_strategy_decoded_one_at_a_time(tmp_path):
     rule gets the same bits from it as from the list of decoded updates."""
     from fedbat.compressors import decode_update
     from fedbat.server import Decoded
-    from tests.test_reliability import _round_results
+    from tests.helpers import round_results
 
-    server, results = _round_results(tmp_path, 3)
+    server, results = round_results(tmp_path, 3)
     given = []
     combine = server.strategy.combine
     server.strategy.combine = lambda updates, weights: (
@@ -177,15 +177,15 @@ def test_robust_rules_by_hand():
 def test_median_resists_a_poisoned_update_that_passes_validation(tmp_path):
     """A forged parameter value of 5 (finite, inside the norm bound) moves the FedAvg model
     far, the median model barely."""
-    from tests.test_reliability import _forge_raw, _round_results
+    from tests.helpers import forge_raw, round_results
 
     moved = {}
     for name in ("fedavg", "median"):
-        server, results = _round_results(tmp_path / name, 5)
+        server, results = round_results(tmp_path / name, 5)
         server.strategy = build(name)
         server.strategy.setup(server.params)
         before = server.global_state()
-        results[0].data, _ = _forge_raw(results[0].data, server, 5.0)
+        results[0].data, _ = forge_raw(results[0].data, server, 5.0)
         assert len(server.aggregate(results, {r.client for r in results}).accepted) == 5
         after = server.global_state()
         moved[name] = max(float((after[k] - before[k]).abs().max()) for k in server.params)

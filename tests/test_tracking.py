@@ -188,15 +188,15 @@ def test_switching_a_csv_run_to_wandb_replays_its_history(tmp_path):
 
 @pytest.mark.slow
 def test_version_and_the_line_a_finished_run_ends_with(tmp_path, capsys):
-    from tests.test_cli import fedbat
+    from tests.helpers import fedbat_cli
 
     assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("fedbat 0.")
-    out = fedbat("train", "fed.rounds=2", "progress=false", cwd=tmp_path)
+    out = fedbat_cli("train", "fed.rounds=2", "progress=false", cwd=tmp_path)
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("fedbat: done: test/acc final 0.") and "| up " in last
     assert last.endswith("runs/digits_mlp_none")  # fed.rounds does not name the run dir
     # raising fed.rounds extends the same run (the run dir is not named by it)
-    more = fedbat("train", "fed.rounds=3", "progress=false", cwd=tmp_path)
+    more = fedbat_cli("train", "fed.rounds=3", "progress=false", cwd=tmp_path)
     assert "after round 2 of 3" in more.stdout + more.stderr
     rows = (tmp_path / "runs" / "digits_mlp_none" / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + 3
