@@ -1,5 +1,6 @@
-"""A name -> builder registry for one pluggable axis (models, datasets, partitions,
-compressors), whose lookup error names the config key and lists every registered name."""
+"""A name -> builder registry for one pluggable axis (models, datasets, partitions; and, as
+:class:`ClassRegistry`, compressors and strategies), whose lookup error names the config key
+and lists every registered name."""
 
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ class ClassRegistry(Registry):
         def deco(klass: type) -> type:
             if name in self:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
-            desc = description or (inspect.getdoc(klass) or "").split("\n")[0]
+            # the docstring's first paragraph, on one line
+            desc = description or " ".join((inspect.getdoc(klass) or "").split("\n\n")[0].split())
             self[name] = {"cls": klass, "description": desc, "init_params": init_params}
             return klass
 

@@ -10,7 +10,8 @@ import torch
 from fedbat.datamodules.datasets import Splits, normalise, register
 from fedbat.datamodules.datasets.files import find_root, missing
 
-# (folder, train files, test file, label bytes per record, which label byte, mean, std)
+# (folder, train files, test file, label bytes per record (the fine label is the last),
+#  mean, std, classes)
 LAYOUTS = {
     "cifar10": (
         "cifar-10-batches-bin",
