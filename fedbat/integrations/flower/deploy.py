@@ -274,14 +274,21 @@ class Watch(threading.Thread):
         self.done = threading.Event()
 
     def run(self) -> None:
-        link = self.deployment.procs["superlink"]
         while not self.done.wait(0.5) and self.run_proc.poll() is None:
-            if link.poll() is not None:
-                log = self.deployment.work / "superlink.log"
-                self.problem = f"the SuperLink exited with {link.returncode}: {tail(log, 2)}"
+            self.check_link()
             if self.problem or self.error_file.is_file():
                 _signal(self.run_proc.pid, signal.SIGTERM)
                 return
+
+    def check_link(self, grace: float = 0.0) -> None:
+        """Name the SuperLink's exit as the problem when it has exited (within ``grace``
+        seconds: ``flwr run`` may notice a killed SuperLink before this thread does)."""
+        link = self.deployment.procs["superlink"]
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            link.wait(grace)
+        if link.poll() is not None and not self.problem:
+            log = self.deployment.work / "superlink.log"
+            self.problem = f"the SuperLink exited with {link.returncode}: {tail(log, 2)}"
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -399,6 +406,7 @@ def deploy(cfg: DictConfig, supernodes: int, timeout: float) -> int:
             print(done_line(json.loads(summary_path.read_text()), cfg.run_dir))
             code = 0
         else:
+            watch.check_link(grace=2.0)
             why = watch.problem or tail(work / "run.log", 3)
             print(f"fedbat: error: the Flower run did not finish ({why}); logs in {work}",
                   file=sys.stderr)  # fmt: skip
