@@ -1,4 +1,5 @@
-"""The compressor registry and every compressor; the wire format; error feedback.
+"""The compressor registry and every compressor; the wire format; error feedback. Every
+module of this package is imported at start, so a new compressor file registers itself.
 
 >>> from fedbat.compressors import available
 >>> available()
@@ -7,20 +8,23 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Mapping
 from typing import Any
 
-from fedbat.compressors import fedbat, none, qsgd, signsgd, topk  # noqa: F401  (registration)
-from fedbat.compressors.base import ClientHook, Compressor, Fields
+from fedbat.compressors.base import Compressor, Fields
 from fedbat.compressors.memory import ErrorFeedback
 from fedbat.compressors.packet import Packet, TensorSpec, wire_plan
 from fedbat.compressors.registry import COMPRESSORS, register
 from fedbat.compressors.update import decode_fields, decode_update, encode_fields, encode_update
 from fedbat.errors import ConfigError
 
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
 __all__ = [
     "COMPRESSORS",
-    "ClientHook",
     "Compressor",
     "ErrorFeedback",
     "Fields",

@@ -1,5 +1,6 @@
 """The compressor interface: pure per-tensor ``encode``/``decode`` and an optional hook into
-local training. State (error-feedback residuals) is kept apart, in ``compressors.memory``.
+local training (``fedbat/hooks.py``). State (error-feedback residuals) is kept apart, in
+``compressors.memory``.
 """
 
 from __future__ import annotations
@@ -10,39 +11,9 @@ import torch
 from torch import nn
 
 from fedbat.errors import ConfigError, PacketError
+from fedbat.hooks import ClientHook, Fields
 
-Fields = dict[str, torch.Tensor]
-
-
-class ClientHook:
-    """Something that wraps a client's local training: FedBAT's learned binarization (a
-    compressor's ``training_hook``), FedProx's proximal term (a strategy's
-    ``client_hook``). The client runs one list of them; every method is optional."""
-
-    def loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """The loss to back-propagate, given the task's (default: unchanged)."""
-        return loss
-
-    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Called after backward, before each local optimizer step."""
-
-    def after_step(self, step: int) -> None:
-        """Called after local optimizer step ``step`` (0-based)."""
-
-    def finalize(self) -> dict[str, Fields]:
-        """Detach from the model (weights as they were received) and return the uplink fields
-        of every tensor the hook encoded itself."""
-        return {}
-
-    def message(self, sent: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Tensors this client adds to its packet, given the update it sends as the server
-        will decode it (SCAFFOLD: the change of its control variate)."""
-        return {}
-
-    def client_state(self) -> dict[str, torch.Tensor]:
-        """The client's own state to keep until it is sampled again (SCAFFOLD: its control
-        variate); called after :meth:`message`."""
-        return {}
+__all__ = ["Compressor", "Fields", "all_finite", "expect"]
 
 
 class Compressor:
@@ -51,6 +22,7 @@ class Compressor:
     name: str = "?"
     lossless: ClassVar[bool] = False
     learns: ClassVar[bool] = False  # its training hook encodes the plan's compressed tensors
+    offers_latent: ClassVar[bool] = False  # that hook hands them to update transforms first
 
     def __init__(self, error_feedback: bool = False) -> None:
         if not isinstance(error_feedback, bool):

@@ -18,10 +18,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from fedbat.compressors.base import ClientHook, Compressor, Fields
+from fedbat.compressors.base import Compressor, Fields
 from fedbat.compressors.bits import decode_scaled_signs, encode_scaled_signs, scaled_signs_bytes
 from fedbat.compressors.registry import register
 from fedbat.errors import PacketError, check_range
+from fedbat.hooks import ClientHook
 
 ALPHA_MIN, ALPHA_MAX = 5e-4, 5e-2
 _ALPHA_RANGE = torch.tensor([ALPHA_MIN, ALPHA_MAX])  # in fp32, as the clamp gives them
@@ -102,6 +103,7 @@ class FedBATHook(ClientHook):
         self.model, self.names = model, names
         self.switch_step = int(phi * total_steps)
         self.layers: dict[str, LearnedBinarization] = {}
+        self.alphas: dict[str, torch.Tensor] = {}  # each layer's step size, fixed by latent()
         for name in names:
             module, attr = _owner(model, name)
             weight = getattr(module, attr)
@@ -122,17 +124,26 @@ class FedBATHook(ClientHook):
             self._switch()
 
     @torch.no_grad()
-    def finalize(self) -> dict[str, Fields]:
-        out: dict[str, Fields] = {}
+    def latent(self) -> dict[str, torch.Tensor]:
+        """The learned ``m`` of every layer, the weights back as they were received."""
+        out: dict[str, torch.Tensor] = {}
         for name, layer in self.layers.items():
             if not layer.binarizing:
                 layer.start_binarizing()
-            alpha = layer.alpha()
-            b = binarize(layer.m, alpha, torch.rand_like(layer.m))
-            out[name] = encode_scaled_signs(b.bool(), alpha)
+            self.alphas[name] = layer.alpha()
+            out[name] = layer.m.detach().cpu()
             module, attr = _owner(self.model, name)
             parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
             getattr(module, attr).requires_grad_(True)
+        return out
+
+    @torch.no_grad()
+    def encode_latent(self, latent: dict[str, torch.Tensor]) -> dict[str, Fields]:
+        """The final draw of ``S(m, alpha)`` per layer, from ``m`` as the transforms left it."""
+        out: dict[str, Fields] = {}
+        for name, alpha in self.alphas.items():
+            m = latent[name].to(alpha.device)
+            out[name] = encode_scaled_signs(binarize(m, alpha, torch.rand_like(m)).bool(), alpha)
         return out
 
 
@@ -146,6 +157,7 @@ class FedBAT(Compressor):
     """Learned 1-bit updates with per-layer learned step sizes (FedBAT)."""
 
     learns = True
+    offers_latent = True
 
     def __init__(self, rho: float = 6.0, phi: float = 0.5, error_feedback: bool = True) -> None:
         super().__init__(error_feedback)

@@ -15,7 +15,6 @@ from lightning.fabric import Fabric
 from torch.nn.utils import parametrize
 
 from fedbat.compressors import (
-    ClientHook,
     Compressor,
     ErrorFeedback,
     TensorSpec,
@@ -33,6 +32,7 @@ from fedbat.contract import (
     training_loss,
 )
 from fedbat.errors import ConfigError
+from fedbat.hooks import ClientHook
 from fedbat.seeding import derive_seed, generator
 from fedbat.strategies import Strategy
 
@@ -148,11 +148,16 @@ def train_client(setup: ClientSetup, job: ClientJob) -> ClientResult:
     ]
     loss_sum, logs = _local_epochs(task, data, client, data_gen, cfg, hooks, schedule)
     start = time.perf_counter()
-    preencoded = {k: v for h in hooks for k, v in h.finalize().items()}
+    latent = {k: v for h in hooks for k, v in h.latent().items()}
     train_loss = float(loss_sum) / max(cfg.steps(n), 1)
     state = task.state_dict()
     update = {s.name: state[s.name].detach().cpu() - held[s.name] for s in plan}
     _check_frozen(state, held, update)
+    update |= latent
+    for h in hooks:
+        update = h.transform(update)
+    sent = {k: update[k] for k in latent}
+    preencoded = {k: v for h in hooks for k, v in h.encode_latent(sent).items()}
     if not math.isfinite(train_loss) or not all(all_finite(u.float()) for u in update.values()):
         why = f"non-finite local training (loss {train_loss})"
         return ClientResult(client=client, num_samples=n, train_loss=train_loss, failure=why)

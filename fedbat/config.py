@@ -15,6 +15,7 @@ from fedbat.compressors import build_pair
 from fedbat.compressors.packet import module_types
 from fedbat.datamodules import PARTITIONERS, READERS
 from fedbat.errors import ConfigError, check_range
+from fedbat.hooks import check_transform_point
 from fedbat.models import MODELS, check_params
 from fedbat.strategies import build as build_strategy
 
@@ -197,8 +198,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"resume={cfg.resume!r}: no such checkpoint file (use auto, false or a path)"
         )
-    build_pair(OmegaConf.to_container(cfg.compressor, resolve=True))  # type: ignore[arg-type]
-    build_strategy(OmegaConf.to_container(cfg.strategy, resolve=True))  # type: ignore[arg-type]
+    uplink, _ = build_pair(OmegaConf.to_container(cfg.compressor, resolve=True))  # type: ignore[arg-type]
+    strategy = build_strategy(OmegaConf.to_container(cfg.strategy, resolve=True))  # type: ignore[arg-type]
+    check_transform_point(uplink, strategy)
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -217,6 +219,8 @@ def check_resumable(cfg: DictConfig, saved_yaml: str, path: Path) -> None:
     # a group's ``name`` first: another model is named as such, not by its first parameter
     for key in sorted(set(now) | set(before), key=lambda k: (not k.endswith(".name"), k)):
         if is_free(key):
+            continue
+        if key not in before and now[key] == []:  # a list added since, at its empty default
             continue
         if now.get(key) != before.get(key):
             raise ConfigError(

@@ -133,6 +133,7 @@ class Server:
         out.logs = _weighted_logs([r for r in results if r.client in out.accepted])
         before = self.global_state(), copy.deepcopy(self.strategy.state_dict())
         self._apply(self.strategy.combine(Decoded(packets, self.packet_plan, self.uplink), weights))
+        out.logs |= self.strategy.metrics()
         after = [*self.model.state_dict().values(), *_tensors(self.strategy.state_dict())]
         if not all(all_finite(v.float()) for v in after):
             # the global model and the strategy's state (momentum, moments) stay finite

@@ -119,7 +119,7 @@ def test_hook_on_any_module_warmup_switch_and_finalize():
         if step == 4:
             assert layer.alpha0.item() == pytest.approx(m_at_switch)  # alpha0 = mean|m|
     assert layer.s.grad is not None and layer.s.grad.abs().item() > 0  # the step size learns
-    fields = hook.finalize()
+    fields = hook.encode_latent(hook.latent())
     # parametrizations are gone and the received weights are back, trainable again
     assert not hasattr(model, "parametrizations") or not model.parametrizations
     for k, v in model.state_dict().items():
@@ -137,7 +137,7 @@ def test_phi_zero_binarizes_from_the_first_step():
     assert hook.layers["head.weight"].alpha().item() == pytest.approx(
         ALPHA_MIN
     )  # mean|m| = 0 -> clamp
-    hook.finalize()
+    hook.encode_latent(hook.latent())
 
 
 def test_fedbat_downlink_encode_is_stochastic_binarization_with_mean_scale():

@@ -33,7 +33,8 @@ DEVICE_CLIENT = textwrap.dedent(
         loss = model(torch.randn(8, 20)).square().mean()
         opt.zero_grad(); loss.backward(); opt.step(); hook.after_step(step)
     update = {{k: torch.zeros_like(v) for k, v in model.state_dict().items()}}
-    packet = C.encode_update(update, plan, comp, torch.Generator(), preencoded=hook.finalize())
+    fields = hook.encode_latent(hook.latent())
+    packet = C.encode_update(update, plan, comp, torch.Generator(), preencoded=fields)
     decoded, _ = C.decode_update(packet.data, plan, comp)
     print(sorted(decoded), packet.bits, sorted(m for m in {BLOCKED} if m in sys.modules))
     """

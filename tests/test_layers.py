@@ -15,7 +15,7 @@ PACKAGES = {
 # the layers of docs/architecture.md, lowest first: a module's layer is that of its longest
 # listed prefix
 LAYERS = [
-    ("core", ["fedbat.errors", "fedbat.registry", "fedbat.seeding"]),
+    ("core", ["fedbat.errors", "fedbat.registry", "fedbat.seeding", "fedbat.hooks"]),
     (
         "parts",
         [

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedbat.compressors.base import ClientHook
 from fedbat.compressors.packet import TensorSpec
-from fedbat.errors import ConfigError, check_range
+from fedbat.errors import check_range
+from fedbat.hooks import ClientHook
 from fedbat.registry import ClassRegistry
 
 
@@ -27,6 +27,7 @@ class Strategy:
     configured compressors and count in ``bits/*`` like the model."""
 
     name: str = "?"
+    transforms_update = False  # a client hook of it changes the update (``ClientHook.transform``)
 
     def __init__(self, lr: float = 1.0) -> None:
         check_range("lr", lr, 0.0, 100.0, low_open=True)
@@ -80,6 +81,10 @@ class Strategy:
         state from the last time it was sampled (empty the first time)."""
         return None
 
+    def metrics(self) -> dict[str, float]:
+        """Figures of the last :meth:`combine` worth logging, by their logged names."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -113,16 +118,3 @@ def weighted_sum(
 
 STRATEGIES = ClassRegistry("strategy", "strategy")
 register = STRATEGIES.register
-
-
-def build(spec: str | Mapping[str, Any]) -> Strategy:
-    """A strategy from a name or the ``strategy`` config group (``{name: ..., **params}``)."""
-    if isinstance(spec, str):
-        return STRATEGIES.get(spec, key="strategy")
-    if not isinstance(spec, Mapping) or "name" not in spec:
-        raise ConfigError(
-            f"strategy={spec!r}: must name a strategy; "
-            f"available: {', '.join(STRATEGIES.available())}"
-        )
-    params = dict(spec)
-    return STRATEGIES.get(params.pop("name"), key="strategy", **params)

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedbat.compressors.base import ClientHook
 from fedbat.errors import check_range
+from fedbat.hooks import ClientHook
 from fedbat.strategies.base import Strategy, register
 
 

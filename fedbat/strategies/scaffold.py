@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedbat.compressors.base import ClientHook
 from fedbat.compressors.packet import TensorSpec
+from fedbat.hooks import ClientHook
 from fedbat.strategies.base import register, weighted_sum
 from fedbat.strategies.fedavg import FedAvg, current
 
