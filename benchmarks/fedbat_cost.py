@@ -18,10 +18,9 @@ import _isolate  # noqa: F401
 import torch
 from omegaconf import open_dict
 
-from fedbat.assembly import build_datamodule, build_task
-from fedbat.client import ClientJob, ClientSetup, LocalTraining, train_client
+from fedbat.assembly import build_components, build_fabric
+from fedbat.client import ClientJob, train_client
 from fedbat.compose import compose
-from fedbat.compressors import build_pair, wire_plan
 from fedbat.lifecycle import run
 
 WORKLOAD = [
@@ -52,15 +51,10 @@ def round_seconds(compressor: str, rounds: int) -> list[float]:
 
 def profile_one_client(rows: int) -> str:
     cfg = compose([*WORKLOAD, "compressor=fedbat"])
-    dm = build_datamodule(cfg)
-    task = build_task(cfg, dm)
-    plan = wire_plan(task)
-    uplink, _ = build_pair({"name": "fedbat", "downlink": "none"})
-    local = LocalTraining(2, 64, 0, torch.device("cpu"))
-    held = {k: v.clone() for k, v in task.state_dict().items()}
+    parts = build_components(cfg, build_fabric(cfg))
+    held = {k: v.clone() for k, v in parts.task.state_dict().items()}
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        setup = ClientSetup(task=task, data=dm, local=local, plan=plan, uplink=uplink)
-        train_client(setup, ClientJob(client=0, round=0, held=held))
+        train_client(parts.setup, ClientJob(client=0, round=0, held=held))
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 

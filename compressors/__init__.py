@@ -15,7 +15,8 @@ from typing import Any
 
 from fedbat.compressors.base import Compressor, Fields
 from fedbat.compressors.memory import ErrorFeedback
-from fedbat.compressors.packet import Packet, TensorSpec, wire_plan
+from fedbat.compressors.packet import Packet
+from fedbat.compressors.plan import TensorSpec, wire_plan
 from fedbat.compressors.registry import COMPRESSORS, register
 from fedbat.compressors.update import decode_fields, decode_update, encode_fields, encode_update
 from fedbat.errors import ConfigError

@@ -12,7 +12,8 @@ import torch
 
 from fedbat.compressors.base import Compressor, Fields, expect
 from fedbat.compressors.memory import ErrorFeedback
-from fedbat.compressors.packet import Packet, TensorSpec, pack, unpack
+from fedbat.compressors.packet import Packet, pack, unpack
+from fedbat.compressors.plan import TensorSpec
 from fedbat.errors import PacketError
 
 

@@ -1,12 +1,16 @@
-"""Building a run's parts from its config: the Fabric, the task (on its device and in its
-precision), the data split over clients, and the wire plan. The in-job loop, the Flower
-apps, ``fedbat.fit`` and the benchmarks build them here, one way."""
+"""Building a run's parts from its config, once: the Fabric, the task (on its device and in
+its precision), the data split over clients, the wire plan, the compressors, the strategy
+and the local-training settings (:class:`Components`). The in-job round, the Flower
+ClientApp, ``fedbat.fit``, the tests and the benchmarks build them here, one way."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from fnmatch import fnmatch
 from typing import Any
 
@@ -15,16 +19,123 @@ import torch
 from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 
-from fedbat.client import ClientData
-from fedbat.compressors import TensorSpec, wire_plan
-from fedbat.compressors.packet import frozen_specs, module_types
+from fedbat.client import ClientData, ClientSetup, LocalTraining, input_conversion
+from fedbat.clientstore import Template
+from fedbat.compressors import Compressor, TensorSpec, build_pair, wire_plan
+from fedbat.compressors.plan import frozen_specs, module_types
 from fedbat.contract import probe_training_step
 from fedbat.datamodules import FederatedDataModule
 from fedbat.datamodules.dataset import from_datamodule
 from fedbat.errors import ConfigError
 from fedbat.models import build as build_model
 from fedbat.models import check_fits
+from fedbat.optimization import ServerSchedule
+from fedbat.server import Server, ServerSettings
+from fedbat.strategies import Strategy
+from fedbat.strategies import build as build_strategy
 from fedbat.task import ClassificationTask
+
+
+@dataclass(kw_only=True)
+class Components:
+    """A run's parts, built once from its config by :func:`build_components`."""
+
+    cfg: DictConfig
+    fabric: Fabric
+    data: ClientData
+    task: L.LightningModule  # the worker module, placed; the server keeps its own copy
+    schedule: ServerSchedule  # the learning-rate schedule (the server owns its state)
+    plan: list[TensorSpec]
+    uplink: Compressor
+    downlink: Compressor
+    strategy: Strategy  # set up on the task's parameters; the server's binds it to its own
+    local: LocalTraining
+
+    @functools.cached_property
+    def setup(self) -> ClientSetup:
+        """What every client's local training shares."""
+        return ClientSetup(
+            task=self.task,
+            data=self.data,
+            local=self.local,
+            plan=self.plan,
+            uplink=self.uplink,
+            schedule=self.schedule,
+            strategy=self.strategy,
+        )
+
+    @functools.cached_property
+    def packet_plan(self) -> list[TensorSpec]:
+        """What a packet holds in either direction: the plan and the strategy's tensors."""
+        return self.plan + self.strategy.extra_plan(self.plan)
+
+    @functools.cached_property
+    def full_plan(self) -> list[TensorSpec]:
+        """The model a client first receives: the packet plan and the frozen tensors."""
+        return self.packet_plan + frozen_specs(self.task, self.plan)
+
+    def state_template(self) -> Template:
+        """What a client's stored state may hold (``fedbat/clientstate.py``): one fp32
+        residual per compressed tensor of its packets when its link keeps error feedback,
+        and the strategy's client state."""
+        memory = self.uplink.needs_memory
+        residuals = [s for s in self.packet_plan if s.compressed and memory]
+        out = {f"residual/{s.name}": (s.shape, torch.float32) for s in residuals}
+        states = self.strategy.client_state_plan(self.plan)
+        return out | {f"state/{s.name}": (s.shape, s.dtype) for s in states}
+
+    def server(self) -> Server:
+        """The server of this run, which takes the strategy over."""
+        f = self.cfg.fed
+        return Server(
+            self.task,
+            self.plan,
+            self.uplink,
+            self.downlink,
+            self.strategy,
+            ServerSettings(
+                seed=self.cfg.seed,
+                max_update_ratio=f.max_update_ratio,
+                weight_batch_size=f.batch_size if f.weight_by == "batches" else None,
+                num_clients=self.data.num_clients,
+            ),
+        )
+
+
+def build_components(
+    cfg: DictConfig,
+    fabric: Fabric,
+    task: L.LightningModule | None = None,
+    data: ClientData | None = None,
+) -> Components:
+    """A run's parts from ``cfg``; ``task`` and ``data`` are a user's, built by their own
+    script (``fedbat.fit``), when given. With several processes every rank starts from rank
+    0's weights."""
+    data = data if data is not None else build_datamodule(cfg)
+    task = task if task is not None else build_task(cfg, data)
+    if fabric.world_size > 1:  # a module built by the user's script: rank 0's weights
+        task.load_state_dict(fabric.broadcast(task.state_dict(), src=0))
+    task = place(task, fabric)
+    schedule = ServerSchedule(copy.deepcopy(task))  # checks the contract too
+    plan = build_plan(cfg, task, data, input_conversion(fabric))
+    uplink, downlink = build_pair(OmegaConf.to_container(cfg.compressor, resolve=True))
+    strategy = build_strategy(OmegaConf.to_container(cfg.strategy, resolve=True))
+    travel = {s.name for s in plan}
+    strategy.setup({n: p for n, p in task.named_parameters() if n in travel}, data.num_clients)
+    f = cfg.fed
+    local = LocalTraining(f.local_epochs, f.batch_size, cfg.seed, fabric.device, fabric)
+    return Components(
+        cfg=cfg,
+        fabric=fabric,
+        data=data,
+        task=task,
+        schedule=schedule,
+        plan=plan,
+        uplink=uplink,
+        downlink=downlink,
+        strategy=strategy,
+        local=local,
+    )
 
 
 def build_fabric(cfg: DictConfig) -> Fabric:

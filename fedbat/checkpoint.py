@@ -13,6 +13,9 @@ import torch
 from fedbat.errors import CheckpointError
 
 CHECKPOINT = "checkpoint.pt"
+# 1: client states inside the checkpoint, every client sent the full model after a resume;
+# 2: the client store's index and the downlink's versions; 3: this key, the same content
+FORMAT = 3
 
 
 def save(run_dir: str | Path, state: dict[str, Any]) -> Path:
@@ -56,4 +59,41 @@ def load(path: str | Path) -> dict[str, Any]:
             f"resume={str(path)!r}: not a fedbat checkpoint (missing {missing or 'types'}); "
             "use resume=false to start over, or another run_dir"
         )
+    version = format_of(state)
+    if not isinstance(version, int) or not 1 <= version <= FORMAT:
+        raise CheckpointError(
+            f"resume={str(path)!r}: checkpoint format {version!r}; this fedbat reads formats "
+            f"1 to {FORMAT} (a newer fedbat wrote it?)"
+        )
     return state
+
+
+def format_of(state: dict[str, Any]) -> Any:
+    """A checkpoint's format; those before the key: 2 with a client store, else 1."""
+    return state.get("format", 2 if "clients" in state else 1)
+
+
+def migrate(
+    state: dict[str, Any], num_clients: int
+) -> tuple[dict[str, Any], dict[int, dict[str, torch.Tensor]]]:
+    """A loaded checkpoint in the current :data:`FORMAT`, and the per-client states an older
+    format held inside it (for the client store, by client, keyed as the store keeps them).
+
+    >>> old = {"round": 2, "uplink_memory": {"1/w": torch.ones(1)}, "client_states": {}}
+    >>> new, legacy = migrate(old, num_clients=3)
+    >>> new["format"], new["downlink"]["version"].tolist(), legacy
+    (3, [-1, -1, -1], {1: {'residual/w': tensor([1.])}})
+    """
+    state, legacy = dict(state), {}
+    if format_of(state) == 1:
+        for part, key in (("residual", "uplink_memory"), ("state", "client_states")):
+            for name, v in state.pop(key, {}).items():
+                client, _, tensor = name.partition("/")
+                legacy.setdefault(int(client), {})[f"{part}/{tensor}"] = v
+        state["clients"] = {"index": torch.full((num_clients,), -1, dtype=torch.int32)}
+    none_sent = torch.full((num_clients,), -1, dtype=torch.int32)  # all: the full model
+    state.setdefault("downlink", {"version": none_sent, "recent": {}, "recent_payload_bits": {}})
+    state.setdefault("schedule", {})
+    state.setdefault("monitor", "auto")
+    state["format"] = FORMAT
+    return state, legacy

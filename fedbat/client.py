@@ -14,6 +14,7 @@ import torch
 from lightning.fabric import Fabric
 from torch.nn.utils import parametrize
 
+from fedbat.clientstate import ClientState
 from fedbat.compressors import (
     Compressor,
     ErrorFeedback,
@@ -22,17 +23,17 @@ from fedbat.compressors import (
     encode_fields,
 )
 from fedbat.compressors.base import all_finite
-from fedbat.compressors.packet import load_model, pack
+from fedbat.compressors.packet import pack
+from fedbat.compressors.plan import load_model
 from fedbat.contract import (
     LogCollector,
-    ServerSchedule,
     batch_size_of,
     call_hook,
-    optimization,
     training_loss,
 )
 from fedbat.errors import ConfigError
 from fedbat.hooks import ClientHook
+from fedbat.optimization import ServerSchedule, optimization
 from fedbat.seeding import derive_seed, generator
 from fedbat.strategies import Strategy
 
@@ -65,11 +66,10 @@ class ClientResult:
     num_samples: int = 0
     train_loss: float = math.nan
     compress_s: float = 0.0
-    residuals: dict[str, torch.Tensor] = field(default_factory=dict)  # its EF state after encoding
     failure: str = ""  # why the client sent nothing (its packet is then empty)
     logs: dict[str, float] = field(default_factory=dict)  # training_step's self.log, averaged
-    state: dict[str, torch.Tensor] = field(default_factory=dict)  # the strategy's, per client
-    stored: bool = False  # its residuals and state went to the client store
+    state: ClientState = field(default_factory=ClientState)  # its own, kept until next time
+    stored: bool = False  # its state went to the client store
     reset: str = ""  # why its stored state was dropped before it trained (a damaged file)
 
     @property
@@ -111,15 +111,13 @@ class ClientSetup:
 @dataclass(kw_only=True)
 class ClientJob:
     """One client's round: who, when, and from what it holds: ``held`` (the model), the
-    strategy's broadcast state ``extra``, its own ``state`` from its last round, and its
-    error-feedback ``memory``."""
+    strategy's broadcast state ``extra``, and its own ``state`` from its last round."""
 
     client: int
     round: int
     held: dict[str, torch.Tensor]
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
-    state: dict[str, torch.Tensor] = field(default_factory=dict)
-    memory: ErrorFeedback | None = None
+    state: ClientState = field(default_factory=ClientState)
 
 
 def train_client(setup: ClientSetup, job: ClientJob) -> ClientResult:
@@ -129,9 +127,9 @@ def train_client(setup: ClientSetup, job: ClientJob) -> ClientResult:
     randomness (data order, FedBAT draws, dropout) is seeded by (seed, round, client).
     """
     task, data, cfg, plan, uplink = setup.task, setup.data, setup.local, setup.plan, setup.uplink
-    schedule, strategy = setup.schedule, setup.strategy
-    client, round_idx, held, memory = job.client, job.round, job.held, job.memory
-    extra, state = job.extra, job.state
+    strategy = setup.strategy
+    client, round_idx, held, extra = job.client, job.round, job.held, job.extra
+    memory = _memory(client, job.state.residuals) if uplink.needs_memory else None
     seed = derive_seed(cfg.seed, round_idx, client)
     torch.manual_seed(seed)
     data_gen = torch.Generator().manual_seed(seed)
@@ -141,12 +139,12 @@ def train_client(setup: ClientSetup, job: ClientJob) -> ClientResult:
     hooks = [  # the strategy's first: FedProx's term sees the layers as FedBAT parametrizes them
         h
         for h in (
-            strategy.client_hook(task, held, extra or {}, state or {}) if strategy else None,
+            strategy.client_hook(task, held, extra, job.state.strategy) if strategy else None,
             uplink.training_hook(task, [s.name for s in plan if s.compressed], cfg.steps(n)),
         )
         if h is not None
     ]
-    loss_sum, logs = _local_epochs(task, data, client, data_gen, cfg, hooks, schedule)
+    loss_sum, logs = _local_epochs(setup, client, data_gen, hooks)
     start = time.perf_counter()
     latent = {k: v for h in hooks for k, v in h.latent().items()}
     train_loss = float(loss_sum) / max(cfg.steps(n), 1)
@@ -170,7 +168,8 @@ def train_client(setup: ClientSetup, job: ClientJob) -> ClientResult:
         fields |= encode_fields(message, extra_plan, uplink, gen, memory, client)
         new_state = {k: v for h in hooks for k, v in h.client_state().items()}
     packet = pack(fields, uplink)
-    residuals = memory.of(client) if memory is not None else {}
+    mine = memory.of(client) if memory is not None else {}
+    residuals = {k.split("/", 1)[1]: v for k, v in mine.items()}  # by tensor name
     return ClientResult(
         client=client,
         data=packet.data,
@@ -178,10 +177,14 @@ def train_client(setup: ClientSetup, job: ClientJob) -> ClientResult:
         num_samples=n,
         train_loss=train_loss,
         compress_s=time.perf_counter() - start,
-        residuals=residuals,
         logs=logs,
-        state=new_state,
+        state=ClientState(residuals=residuals, strategy=new_state),
     )
+
+
+def _memory(client: int, residuals: Mapping[str, torch.Tensor]) -> ErrorFeedback:
+    """The error-feedback memory of one client, from its residuals by tensor name."""
+    return ErrorFeedback({ErrorFeedback.key(client, k): v for k, v in residuals.items()})
 
 
 def _check_frozen(
@@ -199,16 +202,11 @@ def _check_frozen(
 
 
 def _local_epochs(
-    task: torch.nn.Module,
-    data: ClientData,
-    client: int,
-    data_gen: torch.Generator,
-    cfg: LocalTraining,
-    hooks: list[ClientHook],
-    schedule: ServerSchedule | None,
+    setup: ClientSetup, client: int, data_gen: torch.Generator, hooks: list[ClientHook]
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Lightning's training loop for one client, hooks in Lightning's order; returns the
     summed loss and what ``training_step`` passed to ``self.log``."""
+    task, data, cfg, schedule = setup.task, setup.data, setup.local, setup.schedule
     opt = optimization(task)
     if schedule is not None:
         schedule.start_client(opt)

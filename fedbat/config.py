@@ -12,7 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fedbat.compressors import build_pair
-from fedbat.compressors.packet import module_types
+from fedbat.compressors.plan import module_types
 from fedbat.datamodules import PARTITIONERS, READERS
 from fedbat.errors import ConfigError, check_range
 from fedbat.hooks import check_transform_point

@@ -49,11 +49,6 @@ def deserialise(blob: bytes) -> list[ClientResult]:
     return out
 
 
-def under(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The tensors whose key starts with ``prefix``, keyed by the rest."""
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
 def gather(fabric: Fabric, results: list[ClientResult]) -> list[ClientResult]:
     """Every rank's results, on every rank, sorted by client id."""
     if fabric.world_size == 1:

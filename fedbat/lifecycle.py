@@ -17,7 +17,7 @@ from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 
 from fedbat import checkpoint, clientstore, rundir, slurm
-from fedbat.assembly import build_fabric, describe_plan, threads_per_process
+from fedbat.assembly import build_components, build_fabric, describe_plan, threads_per_process
 from fedbat.client import ClientData
 from fedbat.config import cap_rounds, check_resumable, validate
 from fedbat.errors import CheckpointError, ConfigError, RunDirError
@@ -97,7 +97,7 @@ def run(
             clientstore.remove_stale(run_dir)
         fabric.launch()
         torch.set_num_threads(threads_per_process(cfg, fabric))
-        summary = _train(cfg, fabric, run_dir, task, data, transport, slurm.STOP)
+        summary = _train(cfg, fabric, run_dir, task, data, transport)
         _leave_process_group(fabric)
         return summary
     except Interrupted as stopped:
@@ -131,11 +131,10 @@ def _train(
     task: L.LightningModule | None,
     data: ClientData | None,
     transport: Transport | None,
-    stop: slurm.StopRequest,
 ) -> dict[str, Any]:
-    f = cfg.fed
+    f, stop = cfg.fed, slurm.STOP
     resumed = resume_state(cfg, run_dir)
-    fed = Federation(cfg, fabric, task, data, transport)
+    fed = Federation(build_components(cfg, fabric, task, data), transport)
     if line := describe_plan(fed.plan, fed.task):
         fabric.print(line)
     start, wandb_id, saved = 0, None, None

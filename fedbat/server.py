@@ -23,7 +23,7 @@ from fedbat.compressors import (
     encode_update,
 )
 from fedbat.compressors.base import all_finite
-from fedbat.compressors.packet import frozen_specs
+from fedbat.compressors.plan import frozen_specs
 from fedbat.downlink import apply_broadcast
 from fedbat.errors import PacketError
 from fedbat.seeding import DOWNLINK, generator
@@ -56,6 +56,16 @@ class Decoded(Sequence):
         return decode_update(self.packets[i], self.plan, self.uplink)[0]
 
 
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings:
+    """How the server seeds its downlink draws and weighs and bounds client updates."""
+
+    seed: int = 0
+    max_update_ratio: float | None = 1000.0  # an update this many times the model's: rejected
+    weight_batch_size: int | None = None  # set: weigh clients by batches, not samples
+    num_clients: int = 1
+
+
 class Server:
     """Holds the global model, the weights the clients hold (``w_hat``), the strategy (the
     server rule and its state) and the downlink error-feedback residual."""
@@ -66,21 +76,17 @@ class Server:
         plan: list[TensorSpec],
         uplink: Compressor,
         downlink: Compressor,
-        *,
         strategy: Strategy | None = None,
-        seed: int = 0,
-        max_update_ratio: float | None = 1000.0,
-        weight_batch_size: int | None = None,
-        num_clients: int = 1,
+        settings: ServerSettings = ServerSettings(),
     ) -> None:
         self.model = copy.deepcopy(task).cpu().requires_grad_(False)
         travel = {s.name for s in plan}  # what the strategy moves: frozen tensors never move
         self.params = {n: p for n, p in self.model.named_parameters() if n in travel}
-        self.plan, self.uplink, self.downlink, self.seed = plan, uplink, downlink, seed
-        self.max_update_ratio = max_update_ratio
-        self.weight_batch_size = weight_batch_size  # set: weigh clients by batches, not samples
+        self.plan, self.uplink, self.downlink, self.seed = plan, uplink, downlink, settings.seed
+        self.max_update_ratio = settings.max_update_ratio
+        self.weight_batch_size = settings.weight_batch_size
         self.strategy = strategy if strategy is not None else build_strategy("fedavg")
-        self.strategy.setup(self.params, num_clients)
+        self.strategy.setup(self.params, settings.num_clients)
         self.packet_plan = plan + self.strategy.extra_plan(plan)  # both directions
         self.full_plan = self.packet_plan + frozen_specs(self.model, plan)  # the whole model
         # what a client's training hook encodes: checked against what honest training gives

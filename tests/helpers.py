@@ -10,10 +10,9 @@ from pathlib import Path
 
 import torch
 
-import fedbat.compressors as C
 from fedbat import checkpoint, clientstore
-from fedbat.assembly import build_datamodule, build_task
-from fedbat.client import ClientJob, ClientSetup, LocalTraining, train_client
+from fedbat.assembly import Components, build_components, build_fabric
+from fedbat.client import ClientJob, train_client
 from fedbat.compressors.packet import pack, unpack
 from fedbat.server import Server
 from tests.conftest import make_cfg
@@ -53,20 +52,20 @@ def train_command(run_dir: Path, *args: str) -> list[str]:
             "progress=true", *args]  # fmt: skip
 
 
-def round_results(tmp_path: Path, n: int = 4):
-    """A FedBAT server and ``n`` real client results of round 0 (a small CNN on digits)."""
-    cfg = make_cfg(tmp_path, "compressor=fedbat", "model=cnn")
-    dm = build_datamodule(cfg)
-    task = build_task(cfg, dm)
-    plan = C.wire_plan(task)
-    up, down = C.build_pair({"name": "fedbat", "downlink": "none"})
-    server = Server(task, plan, up, down)
-    local = LocalTraining(1, 32, 0, torch.device("cpu"))
-    setup = ClientSetup(task=task, data=dm, local=local, plan=plan, uplink=up)
-    results = [
-        train_client(setup, ClientJob(client=c, round=0, held=server.held)) for c in range(n)
-    ]
-    return server, results
+def components(tmp_path: Path, *overrides: str) -> Components:
+    """A run's parts as ``fedbat train`` builds them, for ``make_cfg``'s config."""
+    cfg = make_cfg(tmp_path, *overrides)
+    return build_components(cfg, build_fabric(cfg))
+
+
+def round_results(tmp_path: Path, n: int = 4, *overrides: str):
+    """A server (FedBAT unless ``overrides`` say otherwise) and ``n`` real client results of
+    round 0 (a small CNN on digits)."""
+    parts = components(tmp_path, "compressor=fedbat", "compressor.downlink=none", "model=cnn",
+                       *overrides)  # fmt: skip
+    server = parts.server()
+    jobs = [ClientJob(client=c, round=0, held=server.held) for c in range(n)]
+    return server, [train_client(parts.setup, job) for job in jobs]
 
 
 def forge_raw(data: bytes, server: Server, value: float) -> tuple[bytes, str]:

@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from fedbat import checkpoint
 from fedbat.cli import main
 from fedbat.lifecycle import run
 from tests.conftest import fill, make_cfg
@@ -106,6 +108,18 @@ def test_damaged_checkpoint_one_line_and_left_as_is(tmp_path, capsys, damage, ho
     err = capsys.readouterr().err.strip()
     assert code == 2 and "not a readable checkpoint" in err and len(err.splitlines()) == 1
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused_in_one_line(tmp_path, capsys):
+    run(make_cfg(tmp_path, "fed.rounds=1"))
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    torch.save(state | {"format": 99}, tmp_path / "checkpoint.pt")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert main(["train", f"hydra.run.dir={tmp_path}", "fed.rounds=2", "progress=false"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("checkpoint format 99; this fedbat reads formats 1 to 3 (a newer "
+                        "fedbat wrote it?)") and len(err.splitlines()) == 1, err  # fmt: skip
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_resuming_another_models_checkpoint_names_the_model(tmp_path, capsys):

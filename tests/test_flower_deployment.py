@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fedbat.integrations.flower.deploy import PortTaken, wait_serving
+from fedbat.integrations.flower.processes import PortTaken, wait_serving
 from fedbat.lifecycle import run
 from fedbat.rundir import RunDirLock
 from tests.conftest import make_cfg

@@ -11,7 +11,7 @@ from torch import nn
 import fedbat.compressors as C
 from fedbat import checkpoint
 from fedbat.compressors import TensorSpec
-from fedbat.compressors.packet import wire_plan
+from fedbat.compressors.plan import wire_plan
 from fedbat.errors import PacketError
 from fedbat.lifecycle import run
 from tests.conftest import make_cfg

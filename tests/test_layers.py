@@ -15,7 +15,16 @@ PACKAGES = {
 # the layers of docs/architecture.md, lowest first: a module's layer is that of its longest
 # listed prefix
 LAYERS = [
-    ("core", ["fedbat.errors", "fedbat.registry", "fedbat.seeding", "fedbat.hooks"]),
+    (
+        "core",
+        [
+            "fedbat.errors",
+            "fedbat.registry",
+            "fedbat.seeding",
+            "fedbat.hooks",
+            "fedbat.clientstate",
+        ],
+    ),
     (
         "parts",
         [
@@ -24,6 +33,7 @@ LAYERS = [
             "fedbat.models",
             "fedbat.strategies",
             "fedbat.contract",
+            "fedbat.optimization",
             "fedbat.task",
             "fedbat.network",
         ],
@@ -137,3 +147,22 @@ def test_no_import_circle():
 
     circles = sorted(m for m in GRAPH if m in reach(m))
     assert not circles, circles
+
+
+def test_engine_modules_are_short_and_their_functions_narrow():
+    """No module of ``fedbat/`` over 300 lines, no function of the engine with more than 6
+    parameters (``self`` aside): a longer list is a settings object waiting to be named."""
+    long = [f"{m}: {n} lines" for m, p in modules().items()
+            if m.startswith("fedbat.") and (n := len(p.read_text().splitlines())) > 300]  # fmt: skip
+    assert not long, long
+    engine = [m for m in modules() if LAYERS[layer(m)][0] == "engine"]
+    assert "fedbat.federation" in engine and "fedbat.client" in engine
+    wide = []
+    for m in engine:
+        for node in ast.walk(ast.parse(modules()[m].read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                a = node.args
+                names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+                if len([x for x in names if x not in ("self", "cls")]) > 6:
+                    wide.append(f"{m}.{node.name}")
+    assert not wide, wide

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import fedbat.compressors as C
-from fedbat.compressors.packet import module_types
+from fedbat.compressors.plan import module_types
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "stdlib_text.py"
 spec = importlib.util.spec_from_file_location("stdlib_text", EXAMPLE)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fedbat.compressors as C
-from fedbat.client import ClientJob, ClientSetup, LocalTraining, train_client
+from fedbat.client import ClientJob, train_client
 from fedbat.compressors.fedbat import FedBAT, binarize
 from fedbat.errors import ConfigError
 from fedbat.hooks import check_transform_point
@@ -15,7 +15,7 @@ from fedbat.lifecycle import run
 from fedbat.strategies import WRAPPERS, build
 from fedbat.strategies.wrappers import clip
 from tests.conftest import make_cfg
-from tests.helpers import round_results
+from tests.helpers import components, round_results
 
 
 def norm(update: dict[str, torch.Tensor]) -> float:
@@ -51,29 +51,14 @@ def test_server_clip_reaches_the_rule_in_a_real_round(tmp_path):
     assert agg.logs["clip/clipped_fraction"] == pytest.approx(1 / 3)
 
 
-def _setup(tmp_path, compressor: str, wrap: list) -> tuple:
-    cfg = make_cfg(tmp_path, f"compressor={compressor}", "model=cnn")
-    server, _ = round_results(tmp_path, 0)
-    up, _ = C.build_pair({"name": compressor})
-    strategy = build({"name": "fedavg", "wrap": wrap})
-    strategy.setup(server.params, 1)
-    local = LocalTraining(1, 32, cfg.seed, torch.device("cpu"))
-    from fedbat.assembly import build_datamodule
-
-    setup = ClientSetup(
-        task=server.model.requires_grad_(True),
-        data=build_datamodule(cfg),
-        local=local,
-        plan=server.plan,
-        uplink=up,
-        strategy=strategy,
-    )
-    return setup, server
+def _setup(tmp_path, compressor: str, wrap: str) -> tuple:
+    parts = components(tmp_path, f"compressor={compressor}", "compressor.downlink=none",
+                       "model=cnn", f"strategy.wrap={wrap}")  # fmt: skip
+    return parts.setup, parts.server()
 
 
 def test_client_clip_sends_an_update_of_norm_at_most_the_bound(tmp_path):
-    wrap = [{"name": "clip", "max_norm": 1e-3, "side": "client"}]
-    setup, server = _setup(tmp_path, "none", wrap)
+    setup, server = _setup(tmp_path, "none", "[{name: clip, max_norm: 1e-3, side: client}]")
     res = train_client(setup, ClientJob(client=0, round=0, held=server.held))
     sent, _ = C.decode_update(res.data, server.plan, setup.uplink)
     assert norm(sent) == pytest.approx(1e-3, rel=1e-5)  # the trained update is far larger
@@ -83,12 +68,12 @@ def test_a_transform_reaches_fedbat_before_its_final_draw(tmp_path):
     """Unclipped (a bound no update reaches) the packets are those without a wrapper, bit
     for bit; clipped, the sent signs are the draw of S(clip(m), alpha) by the paper's formula."""
     packets = {}
-    for label, wrap in [("plain", []), ("loose", [{"name": "clip", "max_norm": 1e9}])]:
+    for label, wrap in [("plain", "[]"), ("loose", "[{name: clip, max_norm: 1e9, side: client}]")]:
         setup, server = _setup(tmp_path / label, "fedbat", wrap)
         packets[label] = train_client(setup, ClientJob(client=0, round=0, held=server.held)).data
     assert packets["plain"] == packets["loose"]
 
-    setup, server = _setup(tmp_path / "hook", "fedbat", [])
+    setup, server = _setup(tmp_path / "hook", "fedbat", "[]")
     names = [s.name for s in server.plan if s.compressed]
     hook = setup.uplink.training_hook(setup.task, names, 4)
     opt = torch.optim.SGD([p for p in setup.task.parameters() if p.requires_grad], lr=0.1)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedbat.compressors.packet import TensorSpec
+from fedbat.compressors.plan import TensorSpec
 from fedbat.errors import check_range
 from fedbat.hooks import ClientHook
 from fedbat.registry import ClassRegistry

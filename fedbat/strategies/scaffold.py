@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedbat.compressors.packet import TensorSpec
+from fedbat.compressors.plan import TensorSpec
 from fedbat.hooks import ClientHook
 from fedbat.strategies.base import register, weighted_sum
 from fedbat.strategies.fedavg import FedAvg, current

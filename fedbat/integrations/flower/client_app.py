@@ -11,29 +11,18 @@ state, as on a real device.
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
-from dataclasses import dataclass
 
 import lightning as L
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from fedbat.assembly import build_datamodule, build_plan, build_task, place
-from fedbat.client import (
-    ClientData,
-    ClientJob,
-    ClientSetup,
-    LocalTraining,
-    input_conversion,
-    train_client,
-)
-from fedbat.compressors import Compressor, ErrorFeedback, TensorSpec, build_pair, decode_update
-from fedbat.compressors.packet import frozen_specs
-from fedbat.contract import ServerSchedule
+from fedbat.assembly import Components, build_components
+from fedbat.client import ClientJob, train_client
+from fedbat.compressors import decode_update
 from fedbat.downlink import FULL, apply_broadcast
 from fedbat.integrations.flower.protocol import (
     RECORD,
@@ -42,65 +31,19 @@ from fedbat.integrations.flower.protocol import (
     result_record,
     unpack_state,
 )
-from fedbat.strategies import Strategy
-from fedbat.strategies import build as build_strategy
 
 app = ClientApp()
-PARTS = ("held", "residual", "state")
-
-
-@dataclass
-class ClientSide:
-    """Everything a client builds once from the run's config."""
-
-    cfg: DictConfig
-    data: ClientData
-    task: L.LightningModule
-    plan: list[TensorSpec]
-    packet_plan: list[TensorSpec]
-    full_plan: list[TensorSpec]  # the model a client first receives, frozen tensors too
-    uplink: Compressor
-    downlink: Compressor
-    strategy: Strategy
-    local: LocalTraining
-    schedule: ServerSchedule  # set from each request: the server owns it
-
-    @functools.cached_property
-    def setup(self) -> ClientSetup:
-        return ClientSetup(
-            task=self.task,
-            data=self.data,
-            local=self.local,
-            plan=self.plan,
-            uplink=self.uplink,
-            schedule=self.schedule,
-            strategy=self.strategy,
-        )
 
 
 @functools.lru_cache(maxsize=1)  # a warm ClientApp process serves many rounds
-def client_side(config_yaml: str) -> ClientSide:
+def components(config_yaml: str) -> Components:
+    """The run's parts, as the server's are built (one device: a node trains alone)."""
     cfg = OmegaConf.create(config_yaml)
     if cfg.trainer.get("threads"):
         torch.set_num_threads(int(cfg.trainer.threads))
     t = cfg.trainer
     fabric = L.Fabric(accelerator=t.accelerator, devices=1, precision=t.precision)
-    data = build_datamodule(cfg)
-    task = place(build_task(cfg, data), fabric)
-    schedule = ServerSchedule(copy.deepcopy(task))
-    plan = build_plan(cfg, task, data, input_conversion(fabric))
-    uplink, downlink = build_pair(OmegaConf.to_container(cfg.compressor, resolve=True))
-    strategy = build_strategy(OmegaConf.to_container(cfg.strategy, resolve=True))
-    travel = {s.name for s in plan}
-    params = {n: p for n, p in copy.deepcopy(task).cpu().named_parameters() if n in travel}
-    strategy.setup(params, data.num_clients)
-    f = cfg.fed
-    local = LocalTraining(f.local_epochs, f.batch_size, cfg.seed, fabric.device, fabric)
-    packet_plan = plan + strategy.extra_plan(plan)
-    full_plan = packet_plan + frozen_specs(task, plan)
-    return ClientSide(
-        cfg, data, task, plan, packet_plan, full_plan, uplink, downlink, strategy, local, schedule
-    )
+    return build_components(cfg, fabric)
 
 
 @app.query()
@@ -112,16 +55,16 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    side = client_side(str(context.run_config["config"]))
+    side = components(str(context.run_config["config"]))
     request = msg.content.config_records[RECORD]
     client, r = int(request["client"]), int(request["round"])
     partition = int(context.node_config["partition-id"])
     if client != partition:
         raise ValueError(f"asked to train client {client}; this node serves {partition}")
     kept = context.state.config_records.get(STATE)
-    stored = unpack_state(bytes(kept["blob"]) if kept else b"", PARTS)
+    stored_held, state = unpack_state(bytes(kept["blob"]) if kept else b"")
     version = int(kept["version"]) if kept else -1
-    held = receive(side, request, stored["held"], version)
+    held = receive(side, request, stored_held, version)
     names = set(side.task.state_dict())  # the model's; the rest is the strategy's
     if request.get("schedule"):
         side.schedule.load_state_dict(json.loads(str(request["schedule"])))
@@ -130,18 +73,17 @@ def train(msg: Message, context: Context) -> Message:
         round=r,
         held={k: v for k, v in held.items() if k in names},
         extra={k: v for k, v in held.items() if k not in names},
-        state=stored["state"],
-        memory=ErrorFeedback(stored["residual"]) if side.uplink.needs_memory else None,
+        state=state,
     )
     result = train_client(side.setup, job)
     if result.ok:  # the client keeps the weights it was sent, and its new state
-        parts = {"held": held, "residual": result.residuals, "state": result.state}
-        context.state[STATE] = ConfigRecord({"blob": pack_state(parts), "version": r})
+        blob = pack_state(held, result.state)
+        context.state[STATE] = ConfigRecord({"blob": blob, "version": r})
     return Message(RecordDict({RECORD: ConfigRecord(result_record(result))}), reply_to=msg)
 
 
 def receive(
-    side: ClientSide, request: ConfigRecord, held: dict[str, torch.Tensor], version: int
+    side: Components, request: ConfigRecord, held: dict[str, torch.Tensor], version: int
 ) -> dict[str, torch.Tensor]:
     """The weights the server holds for this round (``w_hat`` and the strategy's broadcast
     state), from the full model or from the broadcasts this client missed, applied in order

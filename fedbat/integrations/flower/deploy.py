@@ -9,26 +9,20 @@ fedbat client i); ``flwr run`` submits the fedbat Flower app (``server_app`` and
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import re
-import secrets
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from fedbat.config import run_name
-from fedbat.integrations.flower import watchdog
+from fedbat.integrations.flower.processes import Deployment, Watch, tail
 from fedbat.rundir import RunDirLock
 
 APP_TOML = """[build-system]
@@ -112,9 +106,9 @@ def preflight(cfg: DictConfig) -> RunDirLock:
     this check is removed again."""
     from fedbat import rundir
     from fedbat.assembly import build_datamodule, build_plan, build_task
-    from fedbat.contract import ServerSchedule
     from fedbat.errors import ConfigError
     from fedbat.lifecycle import resume_state
+    from fedbat.optimization import ServerSchedule
 
     run_dir = Path(cfg.run_dir)
     created = not run_dir.exists()
@@ -133,179 +127,6 @@ def preflight(cfg: DictConfig) -> RunDirLock:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     return lock
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class PortTaken(RuntimeError):
-    """Another process bound the port between our choosing it and the SuperLink binding it."""
-
-
-def wait_serving(port: int, proc: subprocess.Popen, what: str, log: Path) -> None:
-    """Until ``proc`` itself serves on ``port`` (its log says so: a squatter answering on
-    the port does not count)."""
-    serving = f"running on http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace") if log.is_file() else ""
-        if serving in text:
-            return
-        if proc.poll() is not None:
-            if "address already in use" in text.lower() or "errno 98" in text.lower():
-                raise PortTaken(f"127.0.0.1:{port} is in use by another process")
-            raise RuntimeError(f"{what} exited with {proc.returncode}: {tail(log)}")
-        time.sleep(0.1)
-    raise RuntimeError(f"{what} did not serve on 127.0.0.1:{port} within 60 s: {tail(log)}")
-
-
-def tail(log: Path, lines: int = 5) -> str:
-    """The last ``lines`` of a log, on one line, without terminal colour codes."""
-    text = log.read_text(errors="replace") if log.is_file() else ""
-    return " | ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).strip().splitlines()[-lines:])
-
-
-def _die_with_parent() -> None:
-    """In a child, before exec: SIGKILL when the launcher dies (Linux's PR_SET_PDEATHSIG),
-    besides the guard (``watchdog.py``), which reaches the grandchildren too."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        pass  # not Linux: the guard alone
-
-
-class Deployment:
-    """The SuperLink and SuperNodes of one local deployment, each its own process group,
-    every process marked for the guard."""
-
-    def __init__(self, supernodes: int, work: Path) -> None:
-        self.work, self.n, self.procs = work, supernodes, {}
-        self.token = secrets.token_hex(8)
-        self.guard = subprocess.Popen(
-            [sys.executable, "-m", "fedbat.integrations.flower.watchdog", self.token],
-            stdin=subprocess.PIPE, start_new_session=True,
-        )  # fmt: skip
-
-    def start(self, tries: int = 3) -> None:
-        for attempt in range(tries):
-            self.port = free_port()
-            host = ["--insecure", "--host", "127.0.0.1", "--port", str(self.port)]
-            link = self._spawn(
-                "superlink",
-                ["flower-superlink", *host, "--disable-runtime-dependency-installation"],
-            )
-            try:
-                wait_serving(self.port, link, "the SuperLink", self.work / "superlink.log")
-                break
-            except PortTaken:
-                link.wait()
-                if attempt + 1 == tries:
-                    raise
-        for i in range(self.n):
-            node_config = f"partition-id={i} num-partitions={self.n}"
-            link_at = ["--insecure", "--superlink", f"127.0.0.1:{self.port}"]
-            own = ["--port", str(free_port()), "--node-config", node_config]
-            self._spawn(f"supernode-{i}", ["flower-supernode", *link_at, *own])
-
-    def env(self, home: Path) -> dict[str, str]:
-        return os.environ | {
-            "FLWR_HOME": str(home),
-            "PYTHONUNBUFFERED": "1",
-            watchdog.MARK: self.token,
-        }
-
-    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        home = self.work / name
-        home.mkdir(exist_ok=True)
-        log = open(self.work / f"{name}.log", "w")  # noqa: SIM115  (the process keeps it)
-        proc = subprocess.Popen(cmd, env=self.env(home), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_die_with_parent)  # fmt: skip
-        self.procs[name] = proc
-        return proc
-
-    def submit(self, app: Path) -> subprocess.Popen:
-        """``flwr run`` against this SuperLink, streaming the run's log."""
-        home = self.work / "cli"
-        home.mkdir(exist_ok=True)
-        (home / "config.toml").write_text(
-            '[superlink]\ndefault = "local"\n\n[superlink.local]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
-        )
-        cmd = ["flwr", "run", str(app), "local", "--stream"]
-        proc = subprocess.Popen(cmd, env=self.env(home), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                                preexec_fn=_die_with_parent)  # fmt: skip
-        self.procs["flwr-run"] = proc
-        return proc
-
-    def stop(self) -> None:
-        """SIGTERM to every process of the deployment (all that hold its mark, wherever
-        Flower's SuperExec started them), then SIGKILL what is left after 10 s: the ServerApp
-        holds the run dir until it exits. Then the guard, its pipe closed, finds none."""
-        pids = watchdog.marked(self.token)
-        for pid in pids:
-            _signal(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while (alive := [p for p in pids if _running(p)]) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        watchdog.kill_marked(self.token)
-        for proc in self.procs.values():
-            proc.wait()
-        while any(_running(p) for p in alive) and time.monotonic() < deadline + 5:
-            time.sleep(0.1)
-        assert self.guard.stdin is not None
-        self.guard.stdin.close()
-        self.guard.wait()
-
-
-class Watch(threading.Thread):
-    """While the run streams: end it (by stopping ``flwr run``) as soon as the ServerApp
-    reports an error or the SuperLink exits, instead of waiting for Flower to notice."""
-
-    def __init__(self, deployment: Deployment, run: subprocess.Popen, error_file: Path) -> None:
-        super().__init__(daemon=True)
-        self.deployment, self.run_proc, self.error_file = deployment, run, error_file
-        self.problem = ""
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(0.5) and self.run_proc.poll() is None:
-            self.check_link()
-            if self.problem or self.error_file.is_file():
-                _signal(self.run_proc.pid, signal.SIGTERM)
-                return
-
-    def check_link(self, grace: float = 0.0) -> None:
-        """Name the SuperLink's exit as the problem when it has exited (within ``grace``
-        seconds: ``flwr run`` may notice a killed SuperLink before this thread does)."""
-        link = self.deployment.procs["superlink"]
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            link.wait(grace)
-        if link.poll() is not None and not self.problem:
-            log = self.deployment.work / "superlink.log"
-            self.problem = f"the SuperLink exited with {link.returncode}: {tail(log, 2)}"
-
-
-def _signal(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, sig)
-
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (an orphan's zombie waits for an init that may not reap)."""
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    with contextlib.suppress(OSError):
-        return stat.read_text().rpartition(")")[2].split()[0] != "Z"
-    return True
 
 
 def write_app(cfg: DictConfig, timeout: float, where: Path) -> Path:

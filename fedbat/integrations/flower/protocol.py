@@ -36,7 +36,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fedbat.client import ClientResult
-from fedbat.exchange import under
+from fedbat.clientstate import ClientState, under
 
 RECORD = "fedbat"  # the ConfigRecord of every fedbat message, request or reply
 STATE = "fedbat-state"  # the ConfigRecord a client keeps in its Flower context
@@ -91,13 +91,16 @@ def result_from_record(record: Mapping[str, Any], client: int, num_samples: int)
     )
 
 
-def pack_state(parts: Mapping[str, Mapping[str, torch.Tensor]]) -> bytes:
-    """What a client keeps between rounds (the weights it holds, its error-feedback
-    residuals, the strategy's state) as one safetensors blob, by part."""
-    flat = {f"{p}/{k}": v.contiguous() for p, ts in parts.items() for k, v in ts.items()}
-    return st_save(flat)
+def pack_state(held: Mapping[str, torch.Tensor], state: ClientState) -> bytes:
+    """What a client keeps between rounds (the weights it holds and its own state) as one
+    safetensors blob, the state under the key scheme of ``fedbat/clientstate.py``."""
+    flat = {f"{HELD}{k}": v for k, v in held.items()} | state.flat()
+    return st_save({k: v.contiguous() for k, v in flat.items()})
 
 
-def unpack_state(blob: bytes, parts: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
+def unpack_state(blob: bytes) -> tuple[dict[str, torch.Tensor], ClientState]:
     flat = st_load(blob) if blob else {}
-    return {p: under(flat, f"{p}/") for p in parts}
+    return under(flat, HELD), ClientState.from_flat(flat)
+
+
+HELD = "held/"

@@ -21,12 +21,11 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from omegaconf import OmegaConf
 
-from fedbat.client import ClientResult
-from fedbat.downlink import Delivery, encode_full
+from fedbat.downlink import Delivery
 from fedbat.errors import ConfigError, PeerLost
-from fedbat.federation import Federation
 from fedbat.integrations.flower.protocol import RECORD, failed, result_from_record
 from fedbat.lifecycle import run
+from fedbat.transport import RoundContext, Trained
 
 app = ServerApp()
 POLL_S = 0.2  # between pulls of a round's replies (Flower's own send_and_receive waits 3 s)
@@ -49,16 +48,16 @@ class FlowerTransport:
 
     clients_persist = False  # a client's Flower context lasts one run: a resumed run starts bare
 
-    def train(self, fed: Federation, sent_down: list[Delivery], r: int) -> list[ClientResult]:
-        online = self._discover(fed.dm.num_clients)
+    def train(self, ctx: RoundContext) -> Trained:
+        online = self._discover(ctx.num_clients)
         messages, results = {}, {}
-        common = self._common(fed, any(d.full for d in sent_down))  # once a round
-        for d in sent_down:
+        common = self._common(ctx, any(d.full for d in ctx.deliveries))  # once a round
+        for d in ctx.deliveries:
             if self.nodes.get(d.client) not in online:
                 results[d.client] = failed(d.client, "no SuperNode online serves this client")
                 continue
             messages[d.client] = Message(
-                RecordDict({RECORD: ConfigRecord(self._request(fed, d, r, common))}),
+                RecordDict({RECORD: ConfigRecord(self._request(ctx, d, common))}),
                 dst_node_id=self.nodes[d.client],
                 message_type=MessageType.TRAIN,
             )
@@ -72,14 +71,12 @@ class FlowerTransport:
                 results[client] = failed(client, f"client error: {reply.error.reason[:300]}")
                 continue
             record = reply.content.config_records.get(RECORD, {})  # absent: a failed client
-            res = result_from_record(record, client, fed.dm.client_size(client))
+            res = result_from_record(record, client, ctx.client_size(client))
             if res.ok:
                 self.sent["flower/uplink_bytes"] += message_bytes(reply)
             results[client] = res
-        for client, res in results.items():
-            if not res.ok:  # what it holds is unknown now: the full model next time
-                fed.downlink.version[client] = -1
-        return [results[c] for c in sorted(results)]
+        failures = {c for c, res in results.items() if not res.ok}  # a node's state unknown
+        return Trained([results[c] for c in sorted(results)], lost=failures)
 
     def round_metrics(self) -> dict[str, float]:
         return dict(self.sent)
@@ -116,16 +113,15 @@ class FlowerTransport:
         return replies, lost
 
     @staticmethod
-    def _common(fed: Federation, full: bool) -> dict:
+    def _common(ctx: RoundContext, full: bool) -> dict:
         """What the round's messages share: the full model (``w_hat``) when some client
         needs it, and the learning-rate schedule's state."""
         out: dict = {}
         if full:
-            state = fed.server.held | fed.server.held_extra
-            out["full"] = encode_full(state, fed.server.full_plan).data
-        if fed.schedule.active:
+            out["full"] = ctx.full_model()
+        if ctx.schedule.active:
             try:
-                out["schedule"] = json.dumps(fed.schedule.state_dict())
+                out["schedule"] = json.dumps(ctx.schedule.state_dict())
             except TypeError as err:
                 raise ConfigError(
                     f"the LR scheduler's state cannot travel to clients: {err}"
@@ -133,13 +129,13 @@ class FlowerTransport:
         return out
 
     @staticmethod
-    def _request(fed: Federation, d: Delivery, r: int, common: dict) -> dict:
-        content: dict = {"client": d.client, "round": r}
+    def _request(ctx: RoundContext, d: Delivery, common: dict) -> dict:
+        content: dict = {"client": d.client, "round": ctx.index}
         if d.full:
             content["full"] = common["full"]
         else:
             content["version"] = d.rounds[0]
-            content["chain"] = [fed.downlink.recent[j].data for j in d.rounds]
+            content["chain"] = [ctx.chain_packet(j) for j in d.rounds]
         if "schedule" in common:
             content["schedule"] = common["schedule"]
         return content
