@@ -21,7 +21,7 @@ USAGE = """usage: fedbat {train,flower,list,plot,compare} ...
   fedbat flower --supernodes N [overrides...]
                                       the same job on a local Flower deployment
                                       (SuperLink + N SuperNodes on 127.0.0.1)
-  fedbat list                         registered compressors, datasets, models, partitions
+  fedbat list                         every registry: compressors, strategies, wrappers, ...
   fedbat plot RUN_DIR... [-o OUT] [--x round,uplink,downlink,total,comm]
                                       [--format png,pdf,svg]
                                       accuracy curves, seeds as mean +- sd
@@ -138,10 +138,12 @@ def list_registered() -> int:
     from fedbat.compressors import COMPRESSORS
     from fedbat.datamodules import PARTITIONERS, READERS
     from fedbat.models import MODELS
-    from fedbat.strategies import STRATEGIES
+    from fedbat.strategies import STRATEGIES, WRAPPERS
 
     table = Table("kind", "names")
-    for kind, registry in (("compressors", COMPRESSORS), ("strategies", STRATEGIES)):
+    described = (("compressors", COMPRESSORS), ("strategies", STRATEGIES),
+                 ("strategy.wrap", WRAPPERS))  # fmt: skip
+    for kind, registry in described:
         table.add_row(kind, "\n".join(f"{n}: {d}" for n, d in registry.describe().items()))
     table.add_row("datasets", ", ".join(READERS))
     table.add_row("models", ", ".join(MODELS))
