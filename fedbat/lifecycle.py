@@ -151,7 +151,7 @@ def _train(
     is_zero = fabric.global_rank == 0
     with _writing(run_dir):
         if is_zero:
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            (run_dir / rundir.CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
         loggers = build_loggers(cfg, run_dir, wandb_id, fed.history) if is_zero else []
     wandb_id = next((lg.version for lg in loggers if is_wandb(lg)), None)
     progress = RoundProgress(f.rounds, start, enabled=is_zero and cfg.progress)
@@ -184,7 +184,7 @@ def _train(
             fabric.print(unlogged_monitor(fed.history, summary["monitor"]))
         if is_zero:
             with _writing(run_dir):
-                (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                (run_dir / rundir.SUMMARY).write_text(json.dumps(summary, indent=2))
             for lg in filter(is_wandb, loggers):
                 lg.experiment.summary.update(summary)
                 if cfg.logger.wandb.get("artifacts"):

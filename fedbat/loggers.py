@@ -12,6 +12,9 @@ from typing import Any
 from lightning.fabric.loggers import CSVLogger, Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from fedbat import rundir
+from fedbat.checkpoint import CHECKPOINT
+
 
 def wandb_credentials(settings: Any) -> bool:
     """True when W&B holds credentials for its server (``settings.base_url``), found the way
@@ -146,7 +149,7 @@ def _with_bits_axis(cls: type) -> type:
     return BitsAxisWandbLogger
 
 
-ARTIFACT_FILES = ("config.yaml", "summary.json", "checkpoint.pt")
+ARTIFACT_FILES = (rundir.CONFIG, rundir.SUMMARY, CHECKPOINT)
 
 
 def log_artifacts(experiment: Any, run_dir: Path) -> None:

@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from fedbat.config import RESULT_FREE, is_free
 from fedbat.errors import ConfigError
+from fedbat.rundir import CONFIG, METRICS
 
 COLORS = plt.get_cmap("tab10").colors
 STYLES = ("-", "--", ":", "-.")
@@ -46,20 +47,20 @@ def find_runs(paths: Iterable[Path]) -> list[Path]:
     for p in paths:
         if not p.exists():
             raise ConfigError(f"run dir {str(p)!r}: does not exist")
-        found |= {m.parent for m in p.rglob("metrics.csv")}
+        found |= {m.parent for m in p.rglob(METRICS)}
     if not found:
         raise ConfigError(f"no metrics.csv under {', '.join(map(str, paths))}")
     return sorted(found)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:
-    with open(run_dir / "metrics.csv") as f:
+    with open(run_dir / METRICS) as f:
         return [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
 
 
 def flat_config(run_dir: Path) -> dict[str, Any]:
     """The run's config as ``{dotted.key: value}`` (empty without a config.yaml)."""
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG
     if not path.is_file():
         return {}
     out: dict[str, Any] = {}

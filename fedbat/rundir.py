@@ -22,6 +22,9 @@ from types import TracebackType
 from fedbat.errors import RunDirError
 
 LOCK = ".lock"
+# what a run writes into its dir, named once (the checkpoint: ``checkpoint.CHECKPOINT``; the
+# client store: ``clientstore.DIR``)
+CONFIG, METRICS, SUMMARY = "config.yaml", "metrics.csv", "summary.json"
 STALE_SUFFIXES = (".tmp",)  # half-written files of a run that was killed
 
 

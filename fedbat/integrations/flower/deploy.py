@@ -21,9 +21,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from fedbat.checkpoint import CHECKPOINT
 from fedbat.config import run_name
 from fedbat.integrations.flower.processes import Deployment, Watch, tail
-from fedbat.rundir import RunDirLock
+from fedbat.rundir import SUMMARY, RunDirLock
 
 APP_TOML = """[build-system]
 requires = ["setuptools>=68"]
@@ -219,7 +220,7 @@ def deploy(cfg: DictConfig, supernodes: int, timeout: float) -> int:
         run.wait()
         watch.done.set()
         watch.join()
-        summary_path = Path(cfg.run_dir) / "summary.json"
+        summary_path = Path(cfg.run_dir) / SUMMARY
         if (work / ERROR_FILE).is_file():  # the ServerApp stopped, and said why
             print((work / ERROR_FILE).read_text().strip(), file=sys.stderr)
             return 2
@@ -234,7 +235,7 @@ def deploy(cfg: DictConfig, supernodes: int, timeout: float) -> int:
             return 1
     except (Stop, KeyboardInterrupt) as stop:
         name = "SIGTERM" if isinstance(stop, Stop) else "SIGINT"
-        ckpt = Path(cfg.run_dir) / "checkpoint.pt"
+        ckpt = Path(cfg.run_dir) / CHECKPOINT
         kept = "its checkpoint is intact: rerun to resume" if ckpt.is_file() else "no checkpoint"
         print(f"fedbat: interrupted ({name}); deployment stopped; {kept}", file=sys.stderr)
         code = 143 if name == "SIGTERM" else 130
