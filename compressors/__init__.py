@@ -2,8 +2,8 @@
 module of this package is imported at start, so a new compressor file registers itself.
 
 >>> from fedbat.compressors import available
->>> available()
-['ef_signsgd', 'fedbat', 'none', 'qsgd', 'signsgd', 'topk']
+>>> " ".join(available())
+'bf16 ef_signsgd fedbat fp16 int8 nf4 none qsgd signsgd terngrad topk'
 """
 
 from __future__ import annotations
