@@ -13,6 +13,8 @@ import pkgutil
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from fedbat.compressors.base import Compressor, Fields
 from fedbat.compressors.memory import ErrorFeedback
 from fedbat.compressors.packet import Packet
@@ -20,6 +22,7 @@ from fedbat.compressors.plan import TensorSpec, wire_plan
 from fedbat.compressors.registry import COMPRESSORS, register
 from fedbat.compressors.update import decode_fields, decode_update, encode_fields, encode_update
 from fedbat.errors import ConfigError
+from fedbat.seeding import derive_seed, generator
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -39,6 +42,7 @@ __all__ = [
     "encode_fields",
     "encode_update",
     "register",
+    "roundtrip",
     "wire_plan",
 ]
 
@@ -76,3 +80,20 @@ def build_pair(cfg: Mapping[str, Any]) -> tuple[Compressor, Compressor]:
         override = cfg.get(direction)
         out.append(main if override is None else build(override, key=f"compressor.{direction}"))
     return out[0], out[1]
+
+
+def roundtrip(
+    spec: str | Mapping[str, Any], x: torch.Tensor, seed: int = 0, client: int = 0, round: int = 0
+) -> torch.Tensor:
+    """What a receiver decodes from one encoding of ``x`` by the compressor ``spec`` (a name
+    or a mapping, as in the config), through real packed bytes; the encoder's randomness is
+    a client's of (``seed``, ``round``, ``client``).
+
+    >>> roundtrip("signsgd", torch.tensor([0.5, -1.5]))
+    tensor([ 1., -1.])
+    """
+    compressor = build(spec)
+    plan = [TensorSpec("x", x.shape, torch.float32, True)]
+    gen = generator(derive_seed(seed, round, client))
+    packet = encode_update({"x": x.to(torch.float32)}, plan, compressor, gen)
+    return decode_update(packet.data, plan, compressor)[0]["x"]
