@@ -3,8 +3,10 @@
 Inputs: one 10M-element fp32 tensor, and a full cnn4 (FMNIST) and resnet10 (CIFAR) update.
 Prints MB/s of fp32 input for encode->bytes->decode, beside a plain tensor copy measured in
 the same run, and the ratio to that copy; then the packet's bytes, its payload bytes (the
-compressed tensors themselves) and the container's share of the packet (header, names,
-padding). Run: python benchmarks/compressors.py
+compressed tensors themselves), the container's share of the packet (header, names,
+padding), the payload bits per compressed coordinate (raw tensors' bits left out) and the
+vNMSE ||decoded - x||^2 / ||x||^2 over the compressed tensors (one draw).
+Run: python benchmarks/compressors.py
 """
 
 from __future__ import annotations
@@ -45,6 +47,21 @@ def workloads() -> dict[str, tuple[list[C.TensorSpec], dict[str, torch.Tensor]]]
     return out
 
 
+def per_coordinate(
+    plan: list[C.TensorSpec],
+    update: dict[str, torch.Tensor],
+    decoded: dict[str, torch.Tensor],
+    payload_bits: int,
+) -> tuple[float, float]:
+    """Payload bits per compressed coordinate, and the vNMSE over the compressed tensors."""
+    compressed = [s for s in plan if s.compressed]
+    raw_bits = sum(8 * s.numel * s.dtype.itemsize for s in plan if not s.compressed)
+    n = sum(s.numel for s in compressed)
+    err = sum(float((decoded[s.name] - update[s.name]).double().square().sum()) for s in compressed)
+    norm = sum(float(update[s.name].double().square().sum()) for s in compressed)
+    return (payload_bits - raw_bits) / n, err / norm
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=3)
@@ -52,7 +69,7 @@ def main() -> None:
     print(f"torch threads: {torch.get_num_threads()}")
     print(
         f"{'input':10} {'compressor':11} {'MB/s':>9} {'x copy':>8} {'packet bytes':>13} "
-        f"{'payload':>10} {'overhead':>9}"
+        f"{'payload':>10} {'overhead':>9} {'bits/coord':>10} {'vNMSE':>8}"
     )
     for wname, (plan, update) in workloads().items():
         mb = sum(v.numel() * 4 for v in update.values()) / 1e6
@@ -61,17 +78,17 @@ def main() -> None:
         for name in C.available():
             comp = C.build(name)
 
-            def roundtrip(comp=comp, plan=plan, update=update) -> C.Packet:
+            def roundtrip(comp=comp, plan=plan, update=update) -> tuple:
                 packet = C.encode_update(update, plan, comp, torch.Generator().manual_seed(0))
-                C.decode_update(packet.data, plan, comp)
-                return packet
+                return packet, C.decode_update(packet.data, plan, comp)[0]
 
             secs = best_seconds(roundtrip, args.repeats)
-            packet = roundtrip()
+            packet, decoded = roundtrip()
             size, payload = len(packet.data), packet.payload_bits // 8
+            bits, err = per_coordinate(plan, update, decoded, packet.payload_bits)
             print(
                 f"{wname:10} {name:11} {mb / secs:9.1f} {copy_s / secs:8.3f} {size:13d} "
-                f"{payload:10d} {100 * (size - payload) / size:8.2f}%"
+                f"{payload:10d} {100 * (size - payload) / size:8.2f}% {bits:10.3f} {err:8.4f}"
             )
 
 

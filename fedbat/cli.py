@@ -131,6 +131,22 @@ def shell_completion(argv: list[str]) -> int:
     return train(argv)
 
 
+def _compressor_line(name: str) -> str:
+    """A compressor's parameters (defaults) and its most bits per coordinate on a 2^20-element
+    tensor, from the bytes its encoder can produce."""
+    import inspect
+
+    from fedbat.compressors import COMPRESSORS
+
+    entry = COMPRESSORS[name]
+    params = inspect.signature(entry["cls"].__init__).parameters
+    defaults = {k: p.default for k, p in params.items() if k != "self"} | entry["init_params"]
+    n = 2**20
+    bits = 8 * COMPRESSORS.get(name).max_payload_bytes(n) / n
+    shown = ", ".join(f"{k}={v}" for k, v in defaults.items()) or "no parameters"
+    return f"{name}: {bits:.3g} bits/coord; {shown}"
+
+
 def list_registered() -> int:
     from rich.console import Console
     from rich.table import Table
@@ -145,6 +161,7 @@ def list_registered() -> int:
                  ("strategy.wrap", WRAPPERS))  # fmt: skip
     for kind, registry in described:
         table.add_row(kind, "\n".join(f"{n}: {d}" for n, d in registry.describe().items()))
+    table.add_row("compressor bits", "\n".join(map(_compressor_line, COMPRESSORS.available())))
     table.add_row("datasets", ", ".join(READERS))
     table.add_row("models", ", ".join(MODELS))
     table.add_row("partitions", ", ".join(PARTITIONERS))

@@ -54,6 +54,10 @@ def test_list_shows_every_registry(capsys):
     for registry in (COMPRESSORS, STRATEGIES, WRAPPERS, READERS, MODELS, PARTITIONERS):
         for name in registry:
             assert name in text, name
+    # bits per coordinate worked by hand: 4 or 8 bits plus an fp32 scale per 64; 5 trits a byte
+    for line in ("nf4: 4.5 bits/coord", "int8: 8.5 bits/coord", "terngrad: 1.6 bits/coord",
+                 "none: 32 bits/coord", "fedbat: 1 bits/coord; rho=6.0"):  # fmt: skip
+        assert line in text, line
 
 
 @pytest.mark.parametrize(
