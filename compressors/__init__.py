@@ -3,7 +3,7 @@ module of this package is imported at start, so a new compressor file registers 
 
 >>> from fedbat.compressors import available
 >>> " ".join(available())
-'bf16 ef_signsgd fedbat fp16 int8 nf4 none qsgd signsgd terngrad topk'
+'bf16 drive ef_signsgd fedbat fp16 int8 nf4 none qsgd randk signsgd terngrad topk'
 """
 
 from __future__ import annotations
@@ -20,7 +20,13 @@ from fedbat.compressors.memory import ErrorFeedback
 from fedbat.compressors.packet import Packet
 from fedbat.compressors.plan import TensorSpec, wire_plan
 from fedbat.compressors.registry import COMPRESSORS, register
-from fedbat.compressors.update import decode_fields, decode_update, encode_fields, encode_update
+from fedbat.compressors.update import (
+    SharedSeed,
+    decode_fields,
+    decode_update,
+    encode_fields,
+    encode_update,
+)
 from fedbat.errors import ConfigError
 from fedbat.seeding import derive_seed, generator
 
@@ -87,7 +93,7 @@ def roundtrip(
 ) -> torch.Tensor:
     """What a receiver decodes from one encoding of ``x`` by the compressor ``spec`` (a name
     or a mapping, as in the config), through real packed bytes; the encoder's randomness is
-    a client's of (``seed``, ``round``, ``client``).
+    a client's of (``seed``, ``round``, ``client``), its shared randomness that link's.
 
     >>> roundtrip("signsgd", torch.tensor([0.5, -1.5]))
     tensor([ 1., -1.])
@@ -95,5 +101,6 @@ def roundtrip(
     compressor = build(spec)
     plan = [TensorSpec("x", x.shape, torch.float32, True)]
     gen = generator(derive_seed(seed, round, client))
-    packet = encode_update({"x": x.to(torch.float32)}, plan, compressor, gen)
-    return decode_update(packet.data, plan, compressor)[0]["x"]
+    shared = SharedSeed(seed, round, client)
+    packet = encode_update({"x": x.to(torch.float32)}, plan, compressor, gen, shared=shared)
+    return decode_update(packet.data, plan, compressor, shared=shared)[0]["x"]

@@ -23,6 +23,8 @@ class Compressor:
     lossless: ClassVar[bool] = False
     learns: ClassVar[bool] = False  # its training hook encodes the plan's compressed tensors
     offers_latent: ClassVar[bool] = False  # that hook hands them to update transforms first
+    # encode and decode take ``shared=``: a generator both ends derive, never sent
+    shared_randomness: ClassVar[bool] = False
 
     def __init__(self, error_feedback: bool = False) -> None:
         if not isinstance(error_feedback, bool):

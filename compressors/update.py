@@ -6,7 +6,9 @@ feedback and the wire format meet; both the clients (uplink) and the server (dow
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Collection
+from dataclasses import dataclass
 
 import torch
 
@@ -15,6 +17,26 @@ from fedbat.compressors.memory import ErrorFeedback
 from fedbat.compressors.packet import Packet, pack, unpack
 from fedbat.compressors.plan import TensorSpec
 from fedbat.errors import PacketError
+from fedbat.seeding import DOWNLINK, generator
+
+SHARED = 0x5EED  # the first part of every shared seed: never equal to a run's own draws
+
+
+@dataclass(frozen=True)
+class SharedSeed:
+    """The randomness both ends of one packet derive and never send (rand-k's indices,
+    DRIVE's rotation): a function of the run seed, the round and the holder (a client id;
+    :data:`~fedbat.seeding.DOWNLINK` for the server's broadcast), and each tensor's name."""
+
+    seed: int
+    round: int
+    holder: int = DOWNLINK
+
+    def generator(self, name: str) -> torch.Generator:
+        return generator(SHARED, self.seed, self.round, self.holder, zlib.crc32(name.encode()))
+
+
+NO_SHARED = SharedSeed(0, 0)  # for a packet outside a run (tests, ``roundtrip``)
 
 
 def encode_update(
@@ -24,11 +46,11 @@ def encode_update(
     generator: torch.Generator,
     memory: ErrorFeedback | None = None,
     holder: str | int = "server",
-    preencoded: dict[str, Fields] | None = None,
+    shared: SharedSeed = NO_SHARED,
 ) -> Packet:
-    """``update`` (CPU tensors by name) -> packet. ``preencoded`` fields (from a training
-    hook) are used as they are; ``memory`` applies error feedback to compressed tensors."""
-    fields = encode_fields(update, plan, compressor, generator, memory, holder, preencoded)
+    """``update`` (CPU tensors by name) -> packet; ``memory`` applies error feedback to
+    compressed tensors; ``shared`` is the link's shared randomness."""
+    fields = encode_fields(update, plan, compressor, generator, memory, holder, shared=shared)
     return pack(fields, compressor)
 
 
@@ -40,8 +62,10 @@ def encode_fields(
     memory: ErrorFeedback | None = None,
     holder: str | int = "server",
     preencoded: dict[str, Fields] | None = None,
+    shared: SharedSeed = NO_SHARED,
 ) -> dict[str, Fields]:
-    """:func:`encode_update` before packing: the fields of every tensor of ``plan``."""
+    """:func:`encode_update` before packing: the fields of every tensor of ``plan``;
+    ``preencoded`` fields (from a training hook) are used as they are."""
     preencoded = preencoded or {}
     fields: dict[str, Fields] = {}
     for spec in plan:
@@ -52,11 +76,10 @@ def encode_fields(
             x = x if compressor.lossless else x.to(torch.float32)
             if memory is not None:
                 x = memory.compensate(holder, spec.name, x)
-            fields[spec.name] = compressor.encode(x, generator)
+            link = _Link(compressor, shared, spec.name)
+            fields[spec.name] = link.encode(x, generator)
             if memory is not None:
-                memory.update(
-                    holder, spec.name, x, compressor.decode(fields[spec.name], spec.shape)
-                )
+                memory.update(holder, spec.name, x, link.decode(fields[spec.name], spec.shape))
         else:
             fields[spec.name] = {"raw": update[spec.name].detach().reshape(-1).to(spec.dtype)}
     return fields
@@ -67,12 +90,13 @@ def decode_update(
     plan: list[TensorSpec],
     compressor: Compressor,
     learned: Collection[str] = (),
+    shared: SharedSeed = NO_SHARED,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Packet bytes -> (update by tensor name, per-tensor stats). Raises PacketError on
     anything malformed or non-finite: the caller rejects the packet. The fields of the
     ``learned`` tensors (those a client's training hook encodes) are checked against what
-    honest training gives, too."""
-    return decode_fields(unpack(data, plan, compressor), plan, compressor, learned)
+    honest training gives, too; ``shared`` is the randomness the sender's link derived."""
+    return decode_fields(unpack(data, plan, compressor), plan, compressor, learned, shared)
 
 
 def decode_fields(
@@ -80,6 +104,7 @@ def decode_fields(
     plan: list[TensorSpec],
     compressor: Compressor,
     learned: Collection[str] = (),
+    shared: SharedSeed = NO_SHARED,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """:func:`decode_update` after unpacking (a client decodes its own fields this way, to
     know the update the server will see)."""
@@ -90,7 +115,7 @@ def decode_fields(
         try:
             if spec.compressed:
                 read = _ReadTracking(fs)
-                update[spec.name] = compressor.decode(read, spec.shape)
+                update[spec.name] = _Link(compressor, shared, spec.name).decode(read, spec.shape)
                 if compressor.lossless and update[spec.name].dtype != spec.dtype:
                     raise PacketError(
                         f"dtype {update[spec.name].dtype}, the tensor's is {spec.dtype}"
@@ -124,3 +149,24 @@ class _ReadTracking(dict):
     def get(self, key: str, default: torch.Tensor | None = None) -> torch.Tensor | None:  # type: ignore[override]
         self.read.add(key)
         return super().get(key, default)
+
+
+@dataclass(frozen=True)
+class _Link:
+    """One tensor's encode and decode, handing a compressor that draws shared randomness
+    (``Compressor.shared_randomness``) the same generator on both sides."""
+
+    compressor: Compressor
+    shared: SharedSeed
+    name: str
+
+    def encode(self, x: torch.Tensor, generator: torch.Generator) -> Fields:
+        if self.compressor.shared_randomness:
+            return self.compressor.encode(x, generator, shared=self.shared.generator(self.name))
+        return self.compressor.encode(x, generator)
+
+    def decode(self, fields: Fields, shape: torch.Size) -> torch.Tensor:
+        if self.compressor.shared_randomness:
+            shared = self.shared.generator(self.name)
+            return self.compressor.decode(fields, shape, shared=shared)
+        return self.compressor.decode(fields, shape)

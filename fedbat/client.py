@@ -25,6 +25,7 @@ from fedbat.compressors import (
 from fedbat.compressors.base import all_finite
 from fedbat.compressors.packet import pack
 from fedbat.compressors.plan import load_model
+from fedbat.compressors.update import SharedSeed
 from fedbat.contract import (
     LogCollector,
     batch_size_of,
@@ -160,12 +161,13 @@ def train_client(setup: ClientSetup, job: ClientJob) -> ClientResult:
         why = f"non-finite local training (loss {train_loss})"
         return ClientResult(client=client, num_samples=n, train_loss=train_loss, failure=why)
     gen = generator(seed)
-    fields = encode_fields(update, plan, uplink, gen, memory, client, preencoded)
+    shared = SharedSeed(cfg.seed, round_idx, client)
+    fields = encode_fields(update, plan, uplink, gen, memory, client, preencoded, shared)
     new_state = {}
     if strategy is not None and (extra_plan := strategy.extra_plan(plan)):
-        sent, _ = decode_fields(fields, plan, uplink)
+        sent, _ = decode_fields(fields, plan, uplink, shared=shared)
         message = {k: v for h in hooks for k, v in h.message(sent).items()}
-        fields |= encode_fields(message, extra_plan, uplink, gen, memory, client)
+        fields |= encode_fields(message, extra_plan, uplink, gen, memory, client, shared=shared)
         new_state = {k: v for h in hooks for k, v in h.client_state().items()}
     packet = pack(fields, uplink)
     mine = memory.of(client) if memory is not None else {}

@@ -69,7 +69,7 @@ class Federation:
         self.store.advance([res.client for res in results if res.stored], r)
         for client, why in resets.items():
             self.fabric.print(f"round {r + 1}: client {client}: state reset, {why}")
-        agg = self.server.aggregate(results, clients)
+        agg = self.server.aggregate(results, clients, r)
         lr = self.schedule.lr
         self.schedule.end_round(max(self.local.steps(self.dm.client_size(c)) for c in clients))
         t_down = time.perf_counter()

@@ -24,6 +24,7 @@ from fedbat.compressors import (
 )
 from fedbat.compressors.base import all_finite
 from fedbat.compressors.plan import frozen_specs
+from fedbat.compressors.update import SharedSeed
 from fedbat.downlink import apply_broadcast
 from fedbat.errors import PacketError
 from fedbat.seeding import DOWNLINK, generator
@@ -46,14 +47,17 @@ class Decoded(Sequence):
     """A round's accepted packets as updates, each decoded when indexed: with a thousand
     clients a round, their decoded fp32 updates would be a thousand models in memory."""
 
-    def __init__(self, packets: list[bytes], plan: list[TensorSpec], uplink: Compressor) -> None:
+    def __init__(
+        self, packets: list[tuple[bytes, SharedSeed]], plan: list[TensorSpec], uplink: Compressor
+    ) -> None:
         self.packets, self.plan, self.uplink = packets, plan, uplink
 
     def __len__(self) -> int:
         return len(self.packets)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        return decode_update(self.packets[i], self.plan, self.uplink)[0]
+        data, shared = self.packets[i]
+        return decode_update(data, self.plan, self.uplink, shared=shared)[0]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,9 +103,12 @@ class Server:
     def global_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
-    def aggregate(self, results: list[ClientResult], sampled: Collection[int]) -> Aggregate:
-        """Decode and validate every packet in client-id order; apply the strategy's
-        combination, for which the accepted packets are decoded again, one at a time.
+    def aggregate(
+        self, results: list[ClientResult], sampled: Collection[int], round_idx: int = 0
+    ) -> Aggregate:
+        """Decode and validate every packet of round ``round_idx`` in client-id order; apply
+        the strategy's combination, for which the accepted packets are decoded again, one at
+        a time.
 
         Only the round's ``sampled`` clients count, each at most once: a result for another
         client, or several for one (a replay), is rejected, all of that client's."""
@@ -119,14 +126,16 @@ class Server:
             if not res.ok:
                 out.rejected[res.client] = res.failure
                 continue
+            shared = SharedSeed(self.seed, round_idx, res.client)
             try:
-                update, stats = decode_update(res.data, self.packet_plan, self.uplink, self.learned)
+                plan, learned = self.packet_plan, self.learned
+                update, stats = decode_update(res.data, plan, self.uplink, learned, shared)
                 _check_scale(update, bound)
             except PacketError as err:
                 out.rejected[res.client] = str(err)
                 continue
             out.accepted.append(res.client)
-            packets.append(res.data)
+            packets.append((res.data, shared))
             weights.append(self.weight(res.num_samples))
             losses.append(res.train_loss)
             for k, v in stats.items():
@@ -185,12 +194,13 @@ class Server:
         self.previous = state
         gen = generator(self.seed, round_idx, DOWNLINK)
         plan = self.packet_plan
-        packet = encode_update(delta, plan, self.downlink, gen, self.memory, "server")
+        shared = SharedSeed(self.seed, round_idx)
+        packet = encode_update(delta, plan, self.downlink, gen, self.memory, "server", shared)
         held = self.held | self.held_extra
         if self.downlink.lossless:
             held = state
         else:
-            decoded, _ = decode_update(packet.data, plan, self.downlink)
+            decoded, _ = decode_update(packet.data, plan, self.downlink, shared=shared)
             held = apply_broadcast(held, decoded)
         self.held = {k: held[k] for k in self.held}
         self.held_extra = {k: held[k] for k in self.held_extra}

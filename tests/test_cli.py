@@ -187,7 +187,7 @@ def test_train_help_explains_the_keys(tmp_path):
 @pytest.mark.parametrize(
     ("line", "want"),
     [
-        ("fedbat train compressor=f", "compressor=fedbat"),
+        ("fedbat train compressor=fe", "compressor=fedbat"),
         ("fedbat train fed.ro", "fed.rounds="),
         ("fedbat train strategy=sca", "strategy=scaffold"),
     ],

@@ -23,6 +23,7 @@ DEVICE_CLIENT = textwrap.dedent(
     import torch
     from torch import nn
     import fedbat.compressors as C
+    from fedbat.compressors.packet import pack
 
     model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 4))
     plan = C.wire_plan(model, min_numel=100)
@@ -34,7 +35,8 @@ DEVICE_CLIENT = textwrap.dedent(
         opt.zero_grad(); loss.backward(); opt.step(); hook.after_step(step)
     update = {{k: torch.zeros_like(v) for k, v in model.state_dict().items()}}
     fields = hook.encode_latent(hook.latent())
-    packet = C.encode_update(update, plan, comp, torch.Generator(), preencoded=fields)
+    fields = C.encode_fields(update, plan, comp, torch.Generator(), preencoded=fields)
+    packet = pack(fields, comp)
     decoded, _ = C.decode_update(packet.data, plan, comp)
     print(sorted(decoded), packet.bits, sorted(m for m in {BLOCKED} if m in sys.modules))
     """

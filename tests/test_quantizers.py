@@ -23,7 +23,7 @@ NF4_TABLE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981445
 
 @pytest.fixture(scope="module")
 def cnn4_update(tmp_path_factory) -> torch.Tensor:
-    """The conv-weight update of one real FMNIST cnn4 client (one local epoch)."""
+    """The largest conv-weight update of one real FMNIST cnn4 client (one local epoch)."""
     if not (FMNIST_ROOT / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("FMNIST not installed (apt-get install dataset-fashion-mnist)")
     parts = components(tmp_path_factory.mktemp("cnn4"), "data=fmnist", "model=cnn4",
@@ -31,7 +31,8 @@ def cnn4_update(tmp_path_factory) -> torch.Tensor:
     held = {k: v.clone() for k, v in parts.task.state_dict().items()}
     res = train_client(parts.setup, ClientJob(client=0, round=0, held=held))
     update, _ = C.decode_update(res.data, parts.plan, parts.uplink)
-    name = next(s.name for s in parts.plan if s.compressed and len(s.shape) == 4)
+    convs = [s for s in parts.plan if s.compressed and len(s.shape) == 4]
+    name = max(convs, key=lambda s: s.numel).name  # the largest conv weight
     return update[name].reshape(-1)
 
 

@@ -118,7 +118,7 @@ def test_resume_refuses_a_different_run(tmp_path):
 
 
 BAD_CONFIGS = [
-    (["compressor=zip"], "compressor=zip: unknown compressor option; available: ef_signsgd"),
+    (["compressor=zip"], "compressor=zip: unknown compressor option; available: bf16, drive"),
     (["data.name=imagenet"], "data.name='imagenet'"),
     (["model.name=vgg"], "model.name='vgg'"),
     (["data.partition=shards"], "data.partition='shards'"),

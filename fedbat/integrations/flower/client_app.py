@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from fedbat.assembly import Components, build_components
 from fedbat.client import ClientJob, train_client
 from fedbat.compressors import decode_update
+from fedbat.compressors.update import SharedSeed
 from fedbat.downlink import FULL, apply_broadcast
 from fedbat.integrations.flower.protocol import (
     RECORD,
@@ -94,7 +95,8 @@ def receive(
     start = int(request["version"])
     if version != start or not held:
         raise ValueError(f"holds the model of round {version}; the broadcasts start at {start}")
-    for packet in request["chain"]:
-        decoded, _ = decode_update(bytes(packet), side.packet_plan, side.downlink)
+    for j, packet in enumerate(request["chain"], start):  # the broadcasts of rounds start...
+        shared = SharedSeed(side.cfg.seed, j)
+        decoded, _ = decode_update(bytes(packet), side.packet_plan, side.downlink, shared=shared)
         held = apply_broadcast(held, decoded)
     return held
