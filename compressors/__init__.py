@@ -3,7 +3,7 @@ module of this package is imported at start, so a new compressor file registers 
 
 >>> from fedbat.compressors import available
 >>> " ".join(available())
-'bf16 drive ef_signsgd fedbat fp16 int8 nf4 none qsgd randk signsgd terngrad topk'
+'bf16 drive eden ef_signsgd fedbat fp16 int8 nf4 none qsgd randk signsgd terngrad topk'
 """
 
 from __future__ import annotations

@@ -111,3 +111,67 @@ def test_hostile_fields_are_refused(name, field, value, match):
     fields[field] = value
     with pytest.raises(PacketError, match=match):
         c.decode(fields, torch.Size([100]), shared=SharedSeed(0, 0).generator("x"))
+
+
+# Max (1960), "Quantizing for minimum distortion", table I: the Lloyd-Max quantizer of N(0, 1)
+MAX_1960 = {1: ([0.7979], 0.3634), 2: ([0.4528, 1.510], 0.1175),
+            3: ([0.2451, 0.7560, 1.344, 2.152], 0.03455)}  # fmt: skip
+
+
+@pytest.mark.parametrize("bits", sorted(MAX_1960))
+def test_the_lloyd_max_centroids_are_maxs(bits):
+    from fedbat.compressors.eden import lloyd_max
+
+    centroids, distortion = lloyd_max(bits)
+    positive, want = MAX_1960[bits]
+    assert centroids[len(centroids) // 2 :].tolist() == pytest.approx(positive, abs=6e-4)
+    assert torch.allclose(centroids, -centroids.flip(0))
+    assert distortion == pytest.approx(want, abs=6e-5)
+
+
+@pytest.mark.parametrize("source", ["gaussian", "cnn4"])
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_eden_vnmse_is_d_over_1_minus_d(source, bits, request):
+    from fedbat.compressors.eden import lloyd_max
+
+    x = gaussian(4096) if source == "gaussian" else request.getfixturevalue("cnn4_update")[:32768]
+    ys = draws({"name": "eden", "bits": bits}, x, 200 if source == "gaussian" else 60)
+    distortion = lloyd_max(bits)[1]
+    vnmse = float((ys - x).square().sum(1).mean() / x.square().sum())
+    assert vnmse == pytest.approx(distortion / (1 - distortion), rel=0.05)
+    fields = C.build({"name": "eden", "bits": bits}).encode(
+        x, torch.Generator(), shared=SharedSeed(0, 0).generator("x")
+    )
+    assert fields["low"].numel() == x.numel() * bits // 8  # b bits a coordinate, exactly
+
+
+def test_fractional_eden_splits_the_bits_and_stays_unbiased():
+    x = gaussian(4096)
+    ys = draws({"name": "eden", "bits": 1.5}, x, 300)
+    vnmse = float((ys - x).square().sum(1).mean() / x.square().sum())
+    assert 0.1331 < vnmse < 0.5708  # between 2 bits' and 1 bit's
+    sd = math.sqrt(vnmse * float(x.square().sum()) / x.numel() / len(ys))
+    assert float((ys.mean(0) - x).abs().max()) <= 6 * sd
+    fields = C.build({"name": "eden", "bits": 1.5}).encode(
+        x, torch.Generator(), shared=SharedSeed(0, 0).generator("x")
+    )
+    sent = 8 * (fields["low"].numel() + fields["high"].numel())
+    assert sent / x.numel() == pytest.approx(1.5, rel=0.03)  # a Bernoulli(0.5) share at 2 bits
+
+
+@pytest.mark.parametrize("bits", [0, -1, 8.5, "two"])
+def test_eden_bits_out_of_range_are_refused(bits):
+    from fedbat.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="bits"):
+        C.build({"name": "eden", "bits": bits})
+
+
+def test_eden_hostile_fields_are_refused():
+    c, x, shared = C.build({"name": "eden", "bits": 2}), gaussian(100), SharedSeed(0, 0)
+    fields = c.encode(x, torch.Generator(), shared=shared.generator("x"))
+    for key, value, match in [("low", torch.zeros(3, dtype=torch.uint8), "shape"),
+                              ("scale", -torch.ones(1), "negative scale")]:  # fmt: skip
+        bad = dict(fields) | {key: value}
+        with pytest.raises(PacketError, match=match):
+            c.decode(bad, x.shape, shared=shared.generator("x"))
