@@ -47,17 +47,18 @@ def two_processes(
 # by default a process gets cores / processes threads: runs are bitwise equal across world
 # sizes when every process uses the same trainer.threads, so every comparison pins it.
 PINNED = "trainer.threads=1"
+EDEN_EF = ["compressor.bits=1.5", "compressor.error_feedback=true"]  # shared seeds, both ways
 
 
 @pytest.mark.parametrize(
     ("compressor", "launcher", "extra", "resumed"),
     [
-        ("ef_signsgd", [], ["strategy=fedadam", "strategy.lr=0.1"], True),
+        ("eden", [], [*EDEN_EF, "strategy=fedadam", "strategy.lr=0.1"], True),
         ("ef_signsgd", TORCHRUN, [], False),
         ("fedbat", [], ["model=cnn", "strategy=scaffold"], False),
     ],
     ids=[
-        "ef_signsgd-fedadam-resumed",
+        "eden-shared-randomness-ef-fedadam-resumed",
         "ef_signsgd-torchrun",
         "fedbat-cnn-scaffold",
     ],
@@ -78,7 +79,7 @@ def test_two_processes_match_one_process_exactly(tmp_path, compressor, launcher,
     with open(tmp_path / "two" / "metrics.csv") as f:
         assert len(f.read().strip().splitlines()) == 1 + 3  # header + every round once
     kept = clientstore.read(tmp_path / "one", checkpoint.load(tmp_path / "one" / "checkpoint.pt"))
-    if compressor == "ef_signsgd":
+    if compressor == "ef_signsgd" or "compressor.error_feedback=true" in extra:
         assert any("/residual/" in k for k in kept)
     assert any("/state/" in k for k in kept) == ("strategy=scaffold" in extra)
 
