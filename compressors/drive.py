@@ -41,6 +41,11 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     return y / math.sqrt(d)
 
 
+def random_signs(d: int, shared: torch.Generator) -> torch.Tensor:
+    """The rotation's diagonal D: d independent +-1 from the link's shared generator."""
+    return torch.randint(0, 2, (d,), generator=shared).to(torch.float32) * 2 - 1
+
+
 MIN_BLOCK = 1024
 
 
@@ -66,10 +71,6 @@ class Drive(Compressor):
         sizes = blocks(numel)
         return (sum(d for _, d in sizes) + 7) // 8 + 4 * len(sizes)
 
-    @staticmethod
-    def _diagonal(d: int, shared: torch.Generator) -> torch.Tensor:
-        return torch.randint(0, 2, (d,), generator=shared).to(torch.float32) * 2 - 1
-
     def encode(
         self, x: torch.Tensor, generator: torch.Generator, shared: torch.Generator
     ) -> Fields:
@@ -77,7 +78,7 @@ class Drive(Compressor):
         sizes = blocks(flat.numel())
         signs, scales = [], []
         for part, (n, d) in zip(flat.split([n for n, _ in sizes]), sizes, strict=True):
-            y = hadamard(self._diagonal(d, shared) * torch.nn.functional.pad(part, (0, d - n)))
+            y = hadamard(random_signs(d, shared) * torch.nn.functional.pad(part, (0, d - n)))
             l1 = y.abs().double().sum()
             scales.append(float(part.double().square().sum() / l1) if l1 > 0 else 0.0)
             signs.append(y >= 0)
@@ -93,7 +94,7 @@ class Drive(Compressor):
             raise PacketError("field 'scale': a negative scale")
         bits = unpack_bits(signs, sum(rotated)).to(torch.float32) * 2 - 1
         parts = [
-            (self._diagonal(d, shared) * hadamard(s * b))[:n]
+            (random_signs(d, shared) * hadamard(s * b))[:n]
             for (n, d), s, b in zip(sizes, scales, bits.split(rotated), strict=True)
         ]
         return (torch.cat(parts) if parts else torch.zeros(0)).reshape(shape)

@@ -19,7 +19,7 @@ import torch
 
 from fedbat.compressors.base import Compressor, Fields, expect
 from fedbat.compressors.bits import pack_uint, unpack_uint
-from fedbat.compressors.drive import blocks, hadamard
+from fedbat.compressors.drive import blocks, hadamard, random_signs
 from fedbat.compressors.registry import register
 from fedbat.errors import PacketError, check_range
 
@@ -84,7 +84,7 @@ class Eden(Compressor):
         sizes = blocks(flat.numel())
         codes, widths, scales = [], [], []
         for part, (n, d) in zip(flat.split([n for n, _ in sizes]), sizes, strict=True):
-            diag = torch.randint(0, 2, (d,), generator=shared).to(torch.float32) * 2 - 1
+            diag = random_signs(d, shared)
             y = hadamard(diag * torch.nn.functional.pad(part, (0, d - n)))
             width = self._widths(d, shared)
             norm = float(part.double().square().sum().sqrt())
@@ -113,7 +113,7 @@ class Eden(Compressor):
             raise PacketError("field 'scale': a negative scale")
         diags, widths = [], []
         for _, d in sizes:  # the shared draws, in the encoder's order
-            diags.append(torch.randint(0, 2, (d,), generator=shared).to(torch.float32) * 2 - 1)
+            diags.append(random_signs(d, shared))
             widths.append(self._widths(d, shared))
         width = torch.cat(widths) if widths else torch.zeros(0, dtype=torch.int64)
         q = torch.zeros(width.numel())
