@@ -3,7 +3,7 @@ module of this package is imported at start, so a new compressor file registers 
 
 >>> from fedbat.compressors import available
 >>> " ".join(available())
-'bf16 drive eden ef_signsgd fedbat fp16 int8 nf4 none qsgd randk signsgd terngrad topk'
+'bf16 drive eden ef_signsgd fedbat fp16 int8 nf4 none powersgd qsgd randk signsgd terngrad topk'
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from fedbat.compressors.base import Compressor, Fields
-from fedbat.compressors.memory import ErrorFeedback
+from fedbat.compressors.memory import Memory
 from fedbat.compressors.packet import Packet
 from fedbat.compressors.plan import TensorSpec, wire_plan
 from fedbat.compressors.registry import COMPRESSORS, register
@@ -36,8 +36,8 @@ for _module in pkgutil.iter_modules(__path__):
 __all__ = [
     "COMPRESSORS",
     "Compressor",
-    "ErrorFeedback",
     "Fields",
+    "Memory",
     "Packet",
     "TensorSpec",
     "available",
@@ -93,7 +93,8 @@ def roundtrip(
 ) -> torch.Tensor:
     """What a receiver decodes from one encoding of ``x`` by the compressor ``spec`` (a name
     or a mapping, as in the config), through real packed bytes; the encoder's randomness is
-    a client's of (``seed``, ``round``, ``client``), its shared randomness that link's.
+    a client's of (``seed``, ``round``, ``client``), its shared randomness that link's; a
+    compressor that keeps state encodes from none (a sender's first packet).
 
     >>> roundtrip("signsgd", torch.tensor([0.5, -1.5]))
     tensor([ 1., -1.])

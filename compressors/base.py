@@ -1,10 +1,12 @@
 """The compressor interface: pure per-tensor ``encode``/``decode`` and an optional hook into
-local training (``fedbat/hooks.py``). State (error-feedback residuals) is kept apart, in
-``compressors.memory``.
+local training (``fedbat/hooks.py``). State (error-feedback residuals, a compressor's own
+state between rounds) is kept apart, in ``compressors.memory``: a compressor that keeps state
+receives its last state and returns the next one, and never holds it itself.
 """
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -25,6 +27,9 @@ class Compressor:
     offers_latent: ClassVar[bool] = False  # that hook hands them to update transforms first
     # encode and decode take ``shared=``: a generator both ends derive, never sent
     shared_randomness: ClassVar[bool] = False
+    # encode takes ``state=`` (its fields from this sender's last encode of the tensor, {} at
+    # first) and returns ``(fields, next state)``; :meth:`state_plan` names what it keeps
+    keeps_state: ClassVar[bool] = False
 
     def __init__(self, error_feedback: bool = False) -> None:
         if not isinstance(error_feedback, bool):
@@ -37,6 +42,17 @@ class Compressor:
         for, and lossy: the identity leaves nothing to feed back)."""
         return self.error_feedback and not self.lossless
 
+    @property
+    def remembers(self) -> bool:
+        """Whether a sender on this link keeps anything between packets (residuals or the
+        compressor's own state)."""
+        return self.needs_memory or self.keeps_state
+
+    def state_plan(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The state kept for a tensor of ``shape``: (shape, dtype) by field name; a stored
+        state that does not match it is refused as damaged."""
+        return {}
+
     def encode(self, x: torch.Tensor, generator: torch.Generator) -> Fields:
         """fp32 tensor -> the compact tensors that travel (fields)."""
         raise NotImplementedError
@@ -45,10 +61,10 @@ class Compressor:
         """Fields -> fp32 tensor of ``shape``; raises PacketError on malformed fields."""
         raise NotImplementedError
 
-    def max_payload_bytes(self, numel: int) -> int:
-        """The most bytes :meth:`encode` produces for ``numel`` elements: the receiver
+    def max_payload_bytes(self, shape: tuple[int, ...]) -> int:
+        """The most bytes :meth:`encode` produces for a tensor of ``shape``: the receiver
         derives its packet size limit from it (default: fp32, never more)."""
-        return 4 * numel
+        return 4 * math.prod(shape)
 
     def training_hook(
         self, model: nn.Module, names: list[str], total_steps: int

@@ -52,7 +52,8 @@ class Blockwise(Compressor):
     def _blocks(self, numel: int) -> int:
         return math.ceil(numel / self.block)
 
-    def max_payload_bytes(self, numel: int) -> int:
+    def max_payload_bytes(self, shape: tuple[int, ...]) -> int:
+        numel = math.prod(shape)
         return 4 * self._blocks(numel) + (numel * self.width + 7) // 8
 
     def encode(self, x: torch.Tensor, generator: torch.Generator) -> Fields:

@@ -67,7 +67,8 @@ class Drive(Compressor):
 
     shared_randomness = True
 
-    def max_payload_bytes(self, numel: int) -> int:
+    def max_payload_bytes(self, shape: tuple[int, ...]) -> int:
+        numel = math.prod(shape)
         sizes = blocks(numel)
         return (sum(d for _, d in sizes) + 7) // 8 + 4 * len(sizes)
 

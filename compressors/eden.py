@@ -72,7 +72,8 @@ class Eden(Compressor):
         high = torch.rand(d, generator=shared) < self.bits - self.low
         return torch.where(high, self.high, self.low)
 
-    def max_payload_bytes(self, numel: int) -> int:
+    def max_payload_bytes(self, shape: tuple[int, ...]) -> int:
+        numel = math.prod(shape)
         sizes = blocks(numel)
         d = sum(r for _, r in sizes)
         return (d * self.high + 7) // 8 + 2 + 4 * len(sizes)

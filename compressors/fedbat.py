@@ -14,6 +14,8 @@ error feedback by default.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -178,7 +180,8 @@ class FedBAT(Compressor):
     def decode(self, fields: Fields, shape: torch.Size) -> torch.Tensor:
         return decode_scaled_signs(fields, shape)
 
-    def max_payload_bytes(self, numel: int) -> int:
+    def max_payload_bytes(self, shape: tuple[int, ...]) -> int:
+        numel = math.prod(shape)
         return scaled_signs_bytes(numel)
 
     def check_learned(self, fields: Fields) -> None:

@@ -36,7 +36,8 @@ class HalfPrecision(Compressor):
         values = expect(fields, "values", self.dtype, math.prod(shape))
         return values.to(torch.float32).reshape(shape)
 
-    def max_payload_bytes(self, numel: int) -> int:
+    def max_payload_bytes(self, shape: tuple[int, ...]) -> int:
+        numel = math.prod(shape)
         return 2 * numel
 
 

@@ -48,7 +48,7 @@ def max_packet_bytes(plan: list[TensorSpec], compressor: Compressor) -> int:
     bound, the layout entries of up to two fields per tensor and the container header.
     Anything larger is rejected before parsing."""
     payload = sum(
-        compressor.max_payload_bytes(s.numel) if s.compressed else s.numel * s.dtype.itemsize
+        compressor.max_payload_bytes(s.shape) if s.compressed else s.numel * s.dtype.itemsize
         for s in plan
     )
     return payload + len(plan) * 2 * LAYOUT_BYTES_PER_FIELD + HEADER_BYTES

@@ -46,7 +46,8 @@ class QSGD(Compressor):
     def _buckets(self, numel: int) -> int:
         return math.ceil(numel / self.bucket_size)
 
-    def max_payload_bytes(self, numel: int) -> int:
+    def max_payload_bytes(self, shape: tuple[int, ...]) -> int:
+        numel = math.prod(shape)
         return 4 * self._buckets(numel) + (numel * self.width + 7) // 8
 
     def encode(self, x: torch.Tensor, generator: torch.Generator) -> Fields:

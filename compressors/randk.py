@@ -35,7 +35,8 @@ class RandK(Compressor):
     def _indices(self, numel: int, shared: torch.Generator) -> torch.Tensor:
         return torch.randperm(numel, generator=shared)[: self.k(numel)]
 
-    def max_payload_bytes(self, numel: int) -> int:
+    def max_payload_bytes(self, shape: tuple[int, ...]) -> int:
+        numel = math.prod(shape)
         return 4 * self.k(numel)
 
     def encode(

@@ -6,6 +6,8 @@ Zeros are sent as +scale.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fedbat.compressors.base import Compressor, Fields
@@ -23,7 +25,8 @@ class SignSGD(Compressor):
     def decode(self, fields: Fields, shape: torch.Size) -> torch.Tensor:
         return decode_scaled_signs(fields, shape)
 
-    def max_payload_bytes(self, numel: int) -> int:
+    def max_payload_bytes(self, shape: tuple[int, ...]) -> int:
+        numel = math.prod(shape)
         return scaled_signs_bytes(numel)
 
 

@@ -36,7 +36,8 @@ class TernGrad(Compressor):
     def _code_bytes(self, numel: int) -> int:
         return math.ceil(numel / 5) if self.packing == "trits" else (2 * numel + 7) // 8
 
-    def max_payload_bytes(self, numel: int) -> int:
+    def max_payload_bytes(self, shape: tuple[int, ...]) -> int:
+        numel = math.prod(shape)
         return 4 + self._code_bytes(numel)
 
     def encode(self, x: torch.Tensor, generator: torch.Generator) -> Fields:

@@ -28,7 +28,8 @@ class TopK(Compressor):
     def k(self, numel: int) -> int:
         return max(1, math.ceil(self.ratio * numel))
 
-    def max_payload_bytes(self, numel: int) -> int:
+    def max_payload_bytes(self, shape: tuple[int, ...]) -> int:
+        numel = math.prod(shape)
         k = self.k(numel)
         return 8 * k if 32 * k < numel else (numel + 7) // 8 + 4 * k
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import zlib
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from fedbat.compressors.base import Compressor, Fields, expect
-from fedbat.compressors.memory import ErrorFeedback
+from fedbat.compressors.memory import Memory
 from fedbat.compressors.packet import Packet, pack, unpack
 from fedbat.compressors.plan import TensorSpec
 from fedbat.errors import PacketError
@@ -44,12 +45,13 @@ def encode_update(
     plan: list[TensorSpec],
     compressor: Compressor,
     generator: torch.Generator,
-    memory: ErrorFeedback | None = None,
+    memory: Memory | None = None,
     holder: str | int = "server",
     shared: SharedSeed = NO_SHARED,
 ) -> Packet:
-    """``update`` (CPU tensors by name) -> packet; ``memory`` applies error feedback to
-    compressed tensors; ``shared`` is the link's shared randomness."""
+    """``update`` (CPU tensors by name) -> packet; ``memory`` is ``holder``'s: error
+    feedback on compressed tensors and the compressor's own state; ``shared`` is the link's
+    shared randomness."""
     fields = encode_fields(update, plan, compressor, generator, memory, holder, shared=shared)
     return pack(fields, compressor)
 
@@ -59,7 +61,7 @@ def encode_fields(
     plan: list[TensorSpec],
     compressor: Compressor,
     generator: torch.Generator,
-    memory: ErrorFeedback | None = None,
+    memory: Memory | None = None,
     holder: str | int = "server",
     preencoded: dict[str, Fields] | None = None,
     shared: SharedSeed = NO_SHARED,
@@ -74,11 +76,18 @@ def encode_fields(
         elif spec.compressed:
             x = update[spec.name]  # the identity keeps the tensor's dtype; the rest take fp32
             x = x if compressor.lossless else x.to(torch.float32)
-            if memory is not None:
+            feedback = memory is not None and compressor.needs_memory
+            if feedback:
                 x = memory.compensate(holder, spec.name, x)
             link = _Link(compressor, shared, spec.name)
-            fields[spec.name] = link.encode(x, generator)
-            if memory is not None:
+            if compressor.keeps_state:
+                last = memory.state(holder, spec.name) if memory is not None else {}
+                fields[spec.name], state = link.encode(x, generator, state=last)
+                if memory is not None:
+                    memory.keep(holder, spec.name, state)
+            else:
+                fields[spec.name] = link.encode(x, generator)
+            if feedback:
                 memory.update(holder, spec.name, x, link.decode(fields[spec.name], spec.shape))
         else:
             fields[spec.name] = {"raw": update[spec.name].detach().reshape(-1).to(spec.dtype)}
@@ -160,10 +169,12 @@ class _Link:
     shared: SharedSeed
     name: str
 
-    def encode(self, x: torch.Tensor, generator: torch.Generator) -> Fields:
+    def encode(self, x: torch.Tensor, generator: torch.Generator, **state: Fields) -> Any:
+        """The compressor's fields, or (fields, next state) when it is given ``state=``."""
         if self.compressor.shared_randomness:
-            return self.compressor.encode(x, generator, shared=self.shared.generator(self.name))
-        return self.compressor.encode(x, generator)
+            shared = self.shared.generator(self.name)
+            return self.compressor.encode(x, generator, shared=shared, **state)
+        return self.compressor.encode(x, generator, **state)
 
     def decode(self, fields: Fields, shape: torch.Size) -> torch.Tensor:
         if self.compressor.shared_randomness:

@@ -77,10 +77,14 @@ class Components:
     def state_template(self) -> Template:
         """What a client's stored state may hold (``fedbat/clientstate.py``): one fp32
         residual per compressed tensor of its packets when its link keeps error feedback,
-        and the strategy's client state."""
-        memory = self.uplink.needs_memory
-        residuals = [s for s in self.packet_plan if s.compressed and memory]
-        out = {f"residual/{s.name}": (s.shape, torch.float32) for s in residuals}
+        the uplink compressor's own state per compressed tensor, and the strategy's client
+        state."""
+        up, compressed = self.uplink, [s for s in self.packet_plan if s.compressed]
+        memory = up.needs_memory
+        out = {f"residual/{s.name}": (s.shape, torch.float32) for s in compressed if memory}
+        for s in compressed:
+            kept = up.state_plan(s.shape).items()
+            out |= {f"compressor/{s.name}/{k}": (torch.Size(sh), dt) for k, (sh, dt) in kept}
         states = self.strategy.client_state_plan(self.plan)
         return out | {f"state/{s.name}": (s.shape, s.dtype) for s in states}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import sys
 from pathlib import Path
 
@@ -132,8 +133,8 @@ def shell_completion(argv: list[str]) -> int:
 
 
 def _compressor_line(name: str) -> str:
-    """A compressor's parameters (defaults) and its most bits per coordinate on a 2^20-element
-    tensor, from the bytes its encoder can produce."""
+    """A compressor's parameters (defaults) and its most bits per coordinate on a 1024 x 1024
+    matrix, from the bytes its encoder can produce."""
     import inspect
 
     from fedbat.compressors import COMPRESSORS
@@ -141,8 +142,8 @@ def _compressor_line(name: str) -> str:
     entry = COMPRESSORS[name]
     params = inspect.signature(entry["cls"].__init__).parameters
     defaults = {k: p.default for k, p in params.items() if k != "self"} | entry["init_params"]
-    n = 2**20
-    bits = 8 * COMPRESSORS.get(name).max_payload_bytes(n) / n
+    shape = (1024, 1024)
+    bits = 8 * COMPRESSORS.get(name).max_payload_bytes(shape) / math.prod(shape)
     shown = ", ".join(f"{k}={v}" for k, v in defaults.items()) or "no parameters"
     return f"{name}: {bits:.3g} bits/coord; {shown}"
 

@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 from fedbat.clientstate import ClientState
 from fedbat.compressors import (
     Compressor,
-    ErrorFeedback,
+    Memory,
     TensorSpec,
     decode_fields,
     encode_fields,
@@ -130,7 +130,8 @@ def train_client(setup: ClientSetup, job: ClientJob) -> ClientResult:
     task, data, cfg, plan, uplink = setup.task, setup.data, setup.local, setup.plan, setup.uplink
     strategy = setup.strategy
     client, round_idx, held, extra = job.client, job.round, job.held, job.extra
-    memory = _memory(client, job.state.residuals) if uplink.needs_memory else None
+    mine = job.state
+    memory = Memory.of_holder(client, mine.residuals, mine.compressor) if uplink.remembers else None
     seed = derive_seed(cfg.seed, round_idx, client)
     torch.manual_seed(seed)
     data_gen = torch.Generator().manual_seed(seed)
@@ -170,8 +171,7 @@ def train_client(setup: ClientSetup, job: ClientJob) -> ClientResult:
         fields |= encode_fields(message, extra_plan, uplink, gen, memory, client, shared=shared)
         new_state = {k: v for h in hooks for k, v in h.client_state().items()}
     packet = pack(fields, uplink)
-    mine = memory.of(client) if memory is not None else {}
-    residuals = {k.split("/", 1)[1]: v for k, v in mine.items()}  # by tensor name
+    memory = memory or Memory()
     return ClientResult(
         client=client,
         data=packet.data,
@@ -180,13 +180,8 @@ def train_client(setup: ClientSetup, job: ClientJob) -> ClientResult:
         train_loss=train_loss,
         compress_s=time.perf_counter() - start,
         logs=logs,
-        state=ClientState(residuals=residuals, strategy=new_state),
+        state=ClientState(memory.of(client), new_state, memory.state_of(client)),
     )
-
-
-def _memory(client: int, residuals: Mapping[str, torch.Tensor]) -> ErrorFeedback:
-    """The error-feedback memory of one client, from its residuals by tensor name."""
-    return ErrorFeedback({ErrorFeedback.key(client, k): v for k, v in residuals.items()})
 
 
 def _check_frozen(

@@ -16,7 +16,7 @@ from torch import nn
 from fedbat.client import ClientResult
 from fedbat.compressors import (
     Compressor,
-    ErrorFeedback,
+    Memory,
     Packet,
     TensorSpec,
     decode_update,
@@ -98,7 +98,7 @@ class Server:
         self.held = self.global_state()
         self.held_extra = self.strategy.broadcast_state()  # the strategy's, as clients hold it
         self.previous = self.held | self.held_extra  # as of the last broadcast
-        self.memory = ErrorFeedback() if downlink.needs_memory else None
+        self.memory = Memory() if downlink.remembers else None
 
     def global_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -213,7 +213,8 @@ class Server:
             "held_extra": self.held_extra,
             "previous": self.previous,
             "strategy": self.strategy.state_dict(),
-            "memory": self.memory.state_dict() if self.memory is not None else {},
+            "memory": dict(self.memory.residuals) if self.memory is not None else {},
+            "compressor": dict(self.memory.states) if self.memory is not None else {},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -223,7 +224,7 @@ class Server:
         self.previous = state["previous"]
         self.strategy.load_state_dict(state["strategy"])
         if self.memory is not None:
-            self.memory = ErrorFeedback(state["memory"])
+            self.memory = Memory(state["memory"], state.get("compressor", {}))
 
 
 def _tensors(state: object) -> list[torch.Tensor]:

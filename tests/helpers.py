@@ -79,12 +79,14 @@ def forge_raw(data: bytes, server: Server, value: float) -> tuple[bytes, str]:
 
 
 def assert_same_run(one_dir: Path, two_dir: Path) -> None:
-    """Same per-round metrics, global and held weights, error-feedback residuals and the
-    strategy's per-client state (SCAFFOLD's control variates)."""
+    """Same per-round metrics, global and held weights, the downlink's residuals and
+    compressor state, and every client's state (error-feedback residuals, compressor state,
+    SCAFFOLD's control variates)."""
     one = checkpoint.load(one_dir / "checkpoint.pt")
     two = checkpoint.load(two_dir / "checkpoint.pt")
     assert stable(one["history"]) == stable(two["history"])
-    for part in ("global", "held", "held_extra"):
+    for part in ("global", "held", "held_extra", "memory", "compressor"):
+        assert one["server"][part].keys() == two["server"][part].keys(), part
         for k, v in one["server"][part].items():
             assert torch.equal(v, two["server"][part][k]), (part, k)
     ones, twos = clientstore.read(one_dir, one), clientstore.read(two_dir, two)

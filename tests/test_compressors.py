@@ -121,7 +121,7 @@ def test_qsgd_rejects_bad_deflated_levels(levels_deflate):
 def test_error_feedback_state_survives_rounds():
     c = C.build("ef_signsgd")
     plan = [C.TensorSpec("w", torch.Size([64]), torch.float32, True)]
-    ef = C.ErrorFeedback()
+    ef = C.Memory()
     x = torch.randn(64, generator=gen())
     sent = torch.zeros(64)
     for _ in range(50):  # with error feedback the sum of what was sent tracks the sum of x

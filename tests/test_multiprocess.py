@@ -56,11 +56,13 @@ EDEN_EF = ["compressor.bits=1.5", "compressor.error_feedback=true"]  # shared se
         ("eden", [], [*EDEN_EF, "strategy=fedadam", "strategy.lr=0.1"], True),
         ("ef_signsgd", TORCHRUN, [], False),
         ("fedbat", [], ["model=cnn", "strategy=scaffold"], False),
+        ("powersgd", [], ["compressor.rank=2", "strategy=fedavgm"], True),
     ],
     ids=[
         "eden-shared-randomness-ef-fedadam-resumed",
         "ef_signsgd-torchrun",
         "fedbat-cnn-scaffold",
+        "powersgd-compressor-state-resumed",
     ],
 )
 def test_two_processes_match_one_process_exactly(tmp_path, compressor, launcher, extra, resumed):
@@ -79,8 +81,9 @@ def test_two_processes_match_one_process_exactly(tmp_path, compressor, launcher,
     with open(tmp_path / "two" / "metrics.csv") as f:
         assert len(f.read().strip().splitlines()) == 1 + 3  # header + every round once
     kept = clientstore.read(tmp_path / "one", checkpoint.load(tmp_path / "one" / "checkpoint.pt"))
-    if compressor == "ef_signsgd" or "compressor.error_feedback=true" in extra:
+    if compressor in ("ef_signsgd", "powersgd") or "compressor.error_feedback=true" in extra:
         assert any("/residual/" in k for k in kept)
+    assert any("/compressor/" in k for k in kept) == (compressor == "powersgd")
     assert any("/state/" in k for k in kept) == ("strategy=scaffold" in extra)
 
 

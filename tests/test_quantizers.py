@@ -45,7 +45,7 @@ def roundtrip(name: str, x: torch.Tensor, seed: int = 0, **params) -> torch.Tens
     c = C.build({"name": name, **params})
     fields = c.encode(x, torch.Generator().manual_seed(seed))
     assert sum(f.numel() * f.element_size() for f in fields.values()) <= c.max_payload_bytes(
-        x.numel()
+        x.shape
     )
     return C.roundtrip({"name": name, **params}, x, seed=seed)
 

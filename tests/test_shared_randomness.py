@@ -59,7 +59,7 @@ def test_drive_is_unbiased_with_vnmse_pi_over_2_minus_1(source, n, request):
     assert vnmse == pytest.approx(math.pi / 2 - 1, rel=0.04)
     sd = math.sqrt((math.pi / 2 - 1) * float(x.square().sum()) / x.numel() / len(ys))
     assert float((ys.mean(0) - x).abs().max()) <= 7 * sd
-    assert C.build("drive").max_payload_bytes(x.numel()) == math.ceil(x.numel() / 8) + 4 * (
+    assert C.build("drive").max_payload_bytes(x.shape) == math.ceil(x.numel() / 8) + 4 * (
         1 if n else 2
     )
 
@@ -74,7 +74,7 @@ def test_drive_pads_only_the_rest_under_1024_and_stays_unbiased():
     assert vnmse == pytest.approx((math.pi / 2 - 1) * 1000 / 1024, rel=0.04)
     sd = math.sqrt((math.pi / 2 - 1) * float(x.square().sum()) / 1024 / len(ys))
     assert float((ys.mean(0) - x).abs().max()) <= 6 * sd
-    assert C.build("drive").max_payload_bytes(1000) == 1024 // 8 + 4
+    assert C.build("drive").max_payload_bytes((1000,)) == 1024 // 8 + 4
 
 
 def test_shared_seeds_differ_by_round_sender_and_tensor_and_agree_on_both_ends():
