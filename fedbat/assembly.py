@@ -23,6 +23,7 @@ from fedbat.client import ClientData, ClientSetup, LocalTraining, input_conversi
 from fedbat.clientstore import Template
 from fedbat.compressors import Compressor, TensorSpec, build_pair, wire_plan
 from fedbat.compressors.plan import frozen_specs, module_types
+from fedbat.config import run_strategy
 from fedbat.contract import probe_training_step
 from fedbat.datamodules import FederatedDataModule
 from fedbat.datamodules.dataset import from_datamodule
@@ -32,7 +33,6 @@ from fedbat.models import check_fits
 from fedbat.optimization import ServerSchedule
 from fedbat.server import Server, ServerSettings
 from fedbat.strategies import Strategy
-from fedbat.strategies import build as build_strategy
 from fedbat.task import ClassificationTask
 
 
@@ -123,7 +123,7 @@ def build_components(
     schedule = ServerSchedule(copy.deepcopy(task))  # checks the contract too
     plan = build_plan(cfg, task, data, input_conversion(fabric))
     uplink, downlink = build_pair(OmegaConf.to_container(cfg.compressor, resolve=True))
-    strategy = build_strategy(OmegaConf.to_container(cfg.strategy, resolve=True))
+    strategy = run_strategy(cfg, data.num_clients)
     travel = {s.name for s in plan}
     strategy.setup({n: p for n, p in task.named_parameters() if n in travel}, data.num_clients)
     f = cfg.fed

@@ -17,7 +17,9 @@ from fedbat.datamodules import PARTITIONERS, READERS
 from fedbat.errors import ConfigError, check_range
 from fedbat.hooks import check_transform_point
 from fedbat.models import MODELS, check_params
+from fedbat.strategies import Strategy
 from fedbat.strategies import build as build_strategy
+from fedbat.strategies.privacy import private
 
 BIG = 10**9
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
@@ -107,9 +109,10 @@ def _choice(key: str, value: Any, allowed: Any) -> None:
 
 
 # Sections whose keys are fedbat's own: a key they do not have (``+fed.roundz=3``) is a typo.
-# The groups (data, model, compressor, strategy, logger) and task/datamodule take parameters.
+# The groups (data, model, compressor, strategy, privacy, logger) and task/datamodule take
+# parameters.
 CLOSED = ("fed", "policy", "trainer", "checkpoint", "network")
-OPEN = ("data", "model", "compressor", "strategy", "logger", "hydra")
+OPEN = ("data", "model", "compressor", "strategy", "privacy", "logger", "hydra")
 
 
 def _check_keys(cfg: DictConfig) -> None:
@@ -199,8 +202,20 @@ def validate(cfg: DictConfig) -> None:
             f"resume={cfg.resume!r}: no such checkpoint file (use auto, false or a path)"
         )
     uplink, _ = build_pair(OmegaConf.to_container(cfg.compressor, resolve=True))  # type: ignore[arg-type]
+    check_transform_point(uplink, run_strategy(cfg))
+
+
+def run_strategy(cfg: DictConfig, num_clients: int | None = None) -> Strategy:
+    """The run's server rule: ``strategy`` (with its wrappers) under ``privacy``, for a
+    population of ``num_clients`` (default: ``data.num_clients``)."""
     strategy = build_strategy(OmegaConf.to_container(cfg.strategy, resolve=True))  # type: ignore[arg-type]
-    check_transform_point(uplink, strategy)
+    return private(
+        strategy,
+        OmegaConf.to_container(cfg.get("privacy") or {"name": "none"}, resolve=True),  # type: ignore[arg-type]
+        seed=cfg.seed,
+        num_clients=num_clients or cfg.data.num_clients,
+        per_round=cfg.fed.clients_per_round,
+    )
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -135,8 +135,10 @@ def _train(
     f, stop = cfg.fed, slurm.STOP
     resumed = resume_state(cfg, run_dir)
     fed = Federation(build_components(cfg, fabric, task, data), transport)
-    if line := describe_plan(fed.plan, fed.task):
-        fabric.print(line)
+    strategy = fed.server.strategy
+    for line in (describe_plan(fed.plan, fed.task), strategy.describe()):
+        if line:
+            fabric.print(line)
     start, wandb_id, saved = 0, None, None
     if resumed is not None:
         try:
@@ -159,8 +161,11 @@ def _train(
     status = "failed"
     try:
         for r in range(start, f.rounds):
+            if why := strategy.stop_reason():  # e.g. the privacy budget: checkpointed already
+                fabric.print(why)
+                break
             metrics = fed.play_round(r)
-            last = r + 1 == f.rounds
+            last = r + 1 == f.rounds or bool(strategy.stop_reason())
             if is_zero and ((r + 1) % f.eval_every == 0 or last):
                 metrics |= fed.evaluate()
             fed.history.append(metrics)

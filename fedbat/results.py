@@ -68,4 +68,5 @@ def summarise(
         "bits_downlink_total": last.get("bits/downlink_cum", 0),
         "target_acc": target,
         "bits_uplink_to_target": hit,
+        "privacy_epsilon": last.get("privacy/epsilon"),  # None without privacy=dp
     }

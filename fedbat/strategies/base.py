@@ -85,6 +85,15 @@ class Strategy:
         """Figures of the last :meth:`combine` worth logging, by their logged names."""
         return {}
 
+    def stop_reason(self) -> str:
+        """Why the run must end before its next round (a privacy budget spent); "" goes on."""
+        return ""
+
+    def describe(self) -> str:
+        """A line said at the start of a run when the rule changes what clients' updates
+        mean (privacy: clipping, weights, noise); "" says nothing."""
+        return ""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

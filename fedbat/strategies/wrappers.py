@@ -66,6 +66,12 @@ class StrategyWrapper(Strategy):
     def metrics(self) -> dict[str, float]:
         return self.inner.metrics()
 
+    def stop_reason(self) -> str:
+        return self.inner.stop_reason()
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
     def state_dict(self) -> dict[str, Any]:
         return {"inner": self.inner.state_dict()}
 

@@ -1,0 +1,165 @@
+"""Central DP-FedAvg: the mechanism against hand computations (clipping, uniform weights, the
+noise's spread), its epsilon against the RDP formulas worked apart from the code and against
+dp-accounting composed round by round, the budget stop, resume, and what is refused."""
+
+import csv
+import json
+import math
+
+import dp_accounting
+import pytest
+import torch
+from dp_accounting.rdp import RdpAccountant
+
+import fedbat.compressors as C
+from fedbat import checkpoint
+from fedbat.compose import compose
+from fedbat.config import run_strategy, validate
+from fedbat.errors import ConfigError
+from fedbat.lifecycle import run
+from fedbat.strategies.privacy import DPFedAvg, epsilon
+from tests.conftest import make_cfg
+from tests.helpers import assert_same_run
+
+DP = ("privacy=dp", "trainer.threads=1")
+
+
+def rows(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def dp(clip=1.0, z=1.0, per_round=2, **kw) -> DPFedAvg:
+    from fedbat.strategies import build
+
+    strategy = DPFedAvg(clip, z, 1e-5, None, seed=0, num_clients=10, per_round=per_round, **kw)
+    return strategy.wrap(build("fedavg"))
+
+
+def test_each_update_is_clipped_and_weighted_alike_and_divided_by_k():
+    """Two updates of norms 5 and 0.5 (one clipped to 1), weights 9:1 ignored, K = 4, noise
+    negligible: (u1 / 5 + u2) / 4, worked by hand; the integer counter is not aggregated."""
+    s = dp(clip=1.0, z=1e-9, per_round=4)
+    ups = [
+        {"w": torch.tensor([3.0, 4.0]), "n": torch.tensor(7)},
+        {"w": torch.tensor([0.3, 0.4]), "n": torch.tensor(2)},
+    ]
+    out = s.combine(ups, [9.0, 1.0])
+    assert torch.allclose(out["w"], torch.tensor([0.9 / 4, 1.2 / 4]), atol=1e-7)
+    assert int(out["n"]) == 0
+    assert s.metrics()["privacy/clipped_fraction"] == 0.5
+
+
+def test_the_noise_has_std_z_times_c_over_k_and_is_seeded_by_release():
+    s = dp(clip=0.5, z=2.0, per_round=4)
+    zero = [{"w": torch.zeros(200_000)}]
+    first, second = s.combine(zero, [1.0])["w"], s.combine(zero, [1.0])["w"]
+    assert float(first.std()) == pytest.approx(2.0 * 0.5 / 4, rel=0.01)
+    assert abs(float(first.mean())) < 5 * 0.25 / math.sqrt(200_000)
+    assert not torch.equal(first, second)  # a new draw each release
+    again = dp(clip=0.5, z=2.0, per_round=4)
+    assert torch.equal(again.combine(zero, [1.0])["w"], first)  # the same from (seed, release)
+    assert s.metrics()["privacy/noise_std"] == 1.0
+
+
+ORDERS = [1 + x / 10 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024]
+
+
+def epsilon_full_participation(z: float, rounds: int, delta: float) -> float:
+    """K = N: no sampling, the Gaussian mechanism of sensitivity 2C and std zC, whose RDP is
+    alpha / (2 (z/2)^2) per round (Mironov 2017), turned into (eps, delta) by Proposition 12
+    of Canonne, Kamath & Steinke 2020: rdp + log(1 - 1/a) - log(delta a) / (a - 1)."""
+    sigma = z / 2
+    return min(
+        rounds * a / (2 * sigma**2) + math.log1p(-1 / a) - math.log(delta * a) / (a - 1)
+        for a in ORDERS
+        if a > 1.01
+    )
+
+
+@pytest.mark.parametrize("z,rounds", [(4.0, 1), (4.0, 10), (10.0, 50)])
+def test_epsilon_without_sampling_is_the_gaussian_rdp_worked_by_hand(z, rounds):
+    assert epsilon(z, 10, 10, rounds, 1e-5) == pytest.approx(
+        epsilon_full_participation(z, rounds, 1e-5), rel=1e-9
+    )
+
+
+def test_epsilon_with_sampling_is_dp_accountings_composed_round_by_round():
+    """The same mechanism built here from dp-accounting's events, one round at a time, and
+    the figure sampling must improve on (K = N)."""
+    accountant = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    event = dp_accounting.SampledWithoutReplacementDpEvent(
+        100, 10, dp_accounting.GaussianDpEvent(1.5 / 2)
+    )
+    for r in range(1, 11):
+        accountant.compose(event)
+        assert epsilon(1.5, 100, 10, r, 1e-5) == pytest.approx(accountant.get_epsilon(1e-5))
+    assert epsilon(1.5, 100, 10, 10, 1e-5) < epsilon_full_participation(1.5, 10, 1e-5)
+    assert epsilon(1.5, 100, 10, 10, 1e-5) > epsilon(1.5, 100, 10, 5, 1e-5)
+
+
+def test_a_dp_run_logs_epsilon_each_round_and_puts_it_in_the_summary(tmp_path):
+    overrides = (*DP, "privacy.clip=0.5", "privacy.noise_multiplier=2.0", "fed.rounds=3")
+    summary = run(make_cfg(tmp_path, *overrides))
+    logged = [float(r["privacy/epsilon"]) for r in rows(tmp_path)]
+    # digits: 20 clients, 10 a round
+    assert logged == pytest.approx([epsilon(2.0, 20, 10, r, 1e-5) for r in (1, 2, 3)])
+    assert summary["privacy_epsilon"] == logged[-1]
+    assert json.loads((tmp_path / "summary.json").read_text())["privacy_epsilon"] == logged[-1]
+    assert {float(r["privacy/noise_std"]) for r in rows(tmp_path)} == {1.0}
+    assert all(0 <= float(r["privacy/clipped_fraction"]) <= 1 for r in rows(tmp_path))
+
+
+@pytest.mark.parametrize("name", C.available())
+def test_every_uplink_compressor_trains_under_dp(tmp_path, name):
+    run(make_cfg(tmp_path, *DP, f"compressor={name}", "compressor.downlink=none", "fed.rounds=1"))
+    (row,) = rows(tmp_path)
+    assert float(row["privacy/epsilon"]) > 0 and math.isfinite(float(row["test/acc"]))
+
+
+def test_max_epsilon_stops_at_the_last_round_within_it_checkpointed(tmp_path, capsys):
+    budget = (epsilon(3.0, 20, 10, 3, 1e-5) + epsilon(3.0, 20, 10, 4, 1e-5)) / 2
+    overrides = (*DP, "privacy.noise_multiplier=3.0", f"privacy.max_epsilon={budget}")
+    summary = run(make_cfg(tmp_path, *overrides, "fed.rounds=8", "checkpoint.every=5"))
+    assert len(rows(tmp_path)) == 3 and summary["rounds"] == 3
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["round"] == 3
+    assert "privacy: stopped after 3 noisy rounds" in capsys.readouterr().out
+    run(make_cfg(tmp_path, *overrides, "fed.rounds=8", "checkpoint.every=5"))  # resumed: no work
+    assert len(rows(tmp_path)) == 3
+
+
+def test_a_budget_that_one_round_exceeds_is_refused_before_any_work():
+    cfg = compose([*DP, "privacy.max_epsilon=0.01"])
+    with pytest.raises(ConfigError, match=r"privacy.max_epsilon=0.01: one round already costs"):
+        validate(cfg)
+
+
+def test_resume_keeps_the_accountant_and_the_noise_bitwise(tmp_path):
+    overrides = (*DP, "strategy=fedavgm", "compressor=signsgd")
+    run(make_cfg(tmp_path / "whole", *overrides, "fed.rounds=4"))
+    run(make_cfg(tmp_path / "split", *overrides, "fed.rounds=2"))
+    run(make_cfg(tmp_path / "split", *overrides, "fed.rounds=4"))
+    assert_same_run(tmp_path / "whole", tmp_path / "split")
+    assert (
+        checkpoint.load(tmp_path / "split" / "checkpoint.pt")["server"]["strategy"]["released"] == 4
+    )
+
+
+@pytest.mark.parametrize("strategy", ["median", "trimmed_mean", "scaffold"])
+def test_a_rule_whose_sensitivity_dp_cannot_bound_is_refused(strategy):
+    with pytest.raises(ConfigError, match=f"privacy=dp with strategy={strategy}: its rule is not"):
+        run_strategy(compose([*DP, f"strategy={strategy}"]))
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("privacy.clip=0", r"privacy.clip=0"),
+        ("privacy.noise_multiplier=-1", r"privacy.noise_multiplier=-1"),
+        ("privacy.delta=2", r"privacy.delta=2"),
+        ("+privacy.sigma=1", r"privacy.sigma: no such key; privacy=dp has: clip, delta"),
+    ],
+)
+def test_bad_privacy_values_are_one_line(override, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(compose([*DP, override]))
