@@ -17,7 +17,7 @@ from fedbat.compose import compose
 from fedbat.config import run_strategy, validate
 from fedbat.errors import ConfigError
 from fedbat.lifecycle import run
-from fedbat.strategies.privacy import DPFedAvg, epsilon
+from fedbat.strategies.privacy import DPFedAvg, Privacy, epsilon
 from tests.conftest import make_cfg
 from tests.helpers import assert_same_run
 
@@ -29,10 +29,15 @@ def rows(run_dir):
         return list(csv.DictReader(f))
 
 
+def eps(z: float, population: int, per_round: int, rounds: int) -> float:
+    return epsilon(Privacy(noise_multiplier=z), population, per_round, rounds)
+
+
 def dp(clip=1.0, z=1.0, per_round=2, **kw) -> DPFedAvg:
     from fedbat.strategies import build
 
-    strategy = DPFedAvg(clip, z, 1e-5, None, seed=0, num_clients=10, per_round=per_round, **kw)
+    settings = Privacy(clip=clip, noise_multiplier=z, **kw)
+    strategy = DPFedAvg(settings, seed=0, num_clients=10, per_round=per_round)
     return strategy.wrap(build("fedavg"))
 
 
@@ -79,7 +84,7 @@ def epsilon_full_participation(z: float, rounds: int, delta: float) -> float:
 
 @pytest.mark.parametrize("z,rounds", [(4.0, 1), (4.0, 10), (10.0, 50)])
 def test_epsilon_without_sampling_is_the_gaussian_rdp_worked_by_hand(z, rounds):
-    assert epsilon(z, 10, 10, rounds, 1e-5) == pytest.approx(
+    assert eps(z, 10, 10, rounds) == pytest.approx(
         epsilon_full_participation(z, rounds, 1e-5), rel=1e-9
     )
 
@@ -93,9 +98,9 @@ def test_epsilon_with_sampling_is_dp_accountings_composed_round_by_round():
     )
     for r in range(1, 11):
         accountant.compose(event)
-        assert epsilon(1.5, 100, 10, r, 1e-5) == pytest.approx(accountant.get_epsilon(1e-5))
-    assert epsilon(1.5, 100, 10, 10, 1e-5) < epsilon_full_participation(1.5, 10, 1e-5)
-    assert epsilon(1.5, 100, 10, 10, 1e-5) > epsilon(1.5, 100, 10, 5, 1e-5)
+        assert eps(1.5, 100, 10, r) == pytest.approx(accountant.get_epsilon(1e-5))
+    assert eps(1.5, 100, 10, 10) < epsilon_full_participation(1.5, 10, 1e-5)
+    assert eps(1.5, 100, 10, 10) > eps(1.5, 100, 10, 5)
 
 
 def test_a_dp_run_logs_epsilon_each_round_and_puts_it_in_the_summary(tmp_path):
@@ -103,7 +108,7 @@ def test_a_dp_run_logs_epsilon_each_round_and_puts_it_in_the_summary(tmp_path):
     summary = run(make_cfg(tmp_path, *overrides))
     logged = [float(r["privacy/epsilon"]) for r in rows(tmp_path)]
     # digits: 20 clients, 10 a round
-    assert logged == pytest.approx([epsilon(2.0, 20, 10, r, 1e-5) for r in (1, 2, 3)])
+    assert logged == pytest.approx([eps(2.0, 20, 10, r) for r in (1, 2, 3)])
     assert summary["privacy_epsilon"] == logged[-1]
     assert json.loads((tmp_path / "summary.json").read_text())["privacy_epsilon"] == logged[-1]
     assert {float(r["privacy/noise_std"]) for r in rows(tmp_path)} == {1.0}
@@ -118,7 +123,7 @@ def test_every_uplink_compressor_trains_under_dp(tmp_path, name):
 
 
 def test_max_epsilon_stops_at_the_last_round_within_it_checkpointed(tmp_path, capsys):
-    budget = (epsilon(3.0, 20, 10, 3, 1e-5) + epsilon(3.0, 20, 10, 4, 1e-5)) / 2
+    budget = (eps(3.0, 20, 10, 3) + eps(3.0, 20, 10, 4)) / 2
     overrides = (*DP, "privacy.noise_multiplier=3.0", f"privacy.max_epsilon={budget}")
     summary = run(make_cfg(tmp_path, *overrides, "fed.rounds=8", "checkpoint.every=5"))
     assert len(rows(tmp_path)) == 3 and summary["rounds"] == 3
@@ -157,9 +162,50 @@ def test_a_rule_whose_sensitivity_dp_cannot_bound_is_refused(strategy):
         ("privacy.clip=0", r"privacy.clip=0"),
         ("privacy.noise_multiplier=-1", r"privacy.noise_multiplier=-1"),
         ("privacy.delta=2", r"privacy.delta=2"),
-        ("+privacy.sigma=1", r"privacy.sigma: no such key; privacy=dp has: clip, delta"),
+        ("+privacy.sigma=1", r"privacy.sigma: no such key; privacy=dp has: clip, clip_lr"),
     ],
 )
 def test_bad_privacy_values_are_one_line(override, match):
     with pytest.raises(ConfigError, match=match):
         validate(compose([*DP, override]))
+
+
+def test_adaptive_clipping_is_accounted_as_one_gaussian_of_multiplier_z_over_2():
+    """Andrew et al.'s split: the update's and the count's Gaussians on one sample compose
+    as a single Gaussian of multiplier z / 2: the same epsilon as fixed clipping at z."""
+    auto = Privacy(clip="auto", noise_multiplier=1.0, count_noise=2.0)
+    m = auto.update_multiplier(10)
+    assert (m**-2 + 2.0**-2) ** -0.5 == pytest.approx(0.5)  # by hand: m = (4 - 1/4)^-1/2
+    assert m == pytest.approx((4 - 0.25) ** -0.5)
+    for rounds in (1, 7):
+        assert epsilon(auto, 100, 10, rounds) == pytest.approx(eps(1.0, 100, 10, rounds), rel=1e-9)
+
+
+def test_adaptive_clip_steps_geometrically_and_tracks_the_median_norm():
+    """Ten updates of norms 1..10, count noise negligible: the first step is
+    C0 exp(-eta (b - 1/2)) with b the fraction of norms <= C0, worked by hand; after many
+    rounds C sits between the 5th and 6th norm (the median)."""
+    settings = Privacy(clip="auto", noise_multiplier=1e-6, count_noise=1e-6, initial_clip=0.1)
+    s = DPFedAvg(settings, seed=0, num_clients=100, per_round=10).wrap(dp().inner)
+    ups = [{"w": torch.tensor([float(n), 0.0])} for n in range(1, 11)]
+    s.combine(ups, [1.0] * 10)
+    assert s.clip == pytest.approx(0.1 * math.exp(-0.2 * (0 - 0.5)), rel=1e-5)
+    assert s.metrics()["privacy/clip"] == 0.1
+    for _ in range(200):
+        s.combine(ups, [1.0] * 10)
+    assert 5.0 <= s.clip <= 6.0
+
+
+def test_count_noise_that_leaves_the_update_no_budget_is_refused():
+    with pytest.raises(ConfigError, match=r"privacy.count_noise=0.5: must exceed noise_mul"):
+        validate(compose([*DP, "privacy.clip=auto", "privacy.noise_multiplier=1.0"]))
+
+
+def test_an_adaptive_run_resumes_bitwise(tmp_path):
+    overrides = (*DP, "privacy.clip=auto", "privacy.noise_multiplier=0.5", "fed.rounds=4")
+    run(make_cfg(tmp_path / "whole", *overrides))
+    run(make_cfg(tmp_path / "split", *overrides[:-1], "fed.rounds=2"))
+    run(make_cfg(tmp_path / "split", *overrides))
+    assert_same_run(tmp_path / "whole", tmp_path / "split")
+    clips = [float(r["privacy/clip"]) for r in rows(tmp_path / "whole")]
+    assert clips[0] == 0.1 and len(set(clips)) == 4  # C moved every round
