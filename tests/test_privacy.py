@@ -17,7 +17,8 @@ from fedbat.compose import compose
 from fedbat.config import run_strategy, validate
 from fedbat.errors import ConfigError
 from fedbat.lifecycle import run
-from fedbat.strategies.privacy import DPFedAvg, Privacy, epsilon
+from fedbat.strategies.privacy import DPFedAvg
+from fedbat.strategies.privacy_budget import Privacy, epsilon, local_epsilon
 from tests.conftest import make_cfg
 from tests.helpers import assert_same_run
 
@@ -209,3 +210,56 @@ def test_an_adaptive_run_resumes_bitwise(tmp_path):
     assert_same_run(tmp_path / "whole", tmp_path / "split")
     clips = [float(r["privacy/clip"]) for r in rows(tmp_path / "whole")]
     assert clips[0] == 0.1 and len(set(clips)) == 4  # C moved every round
+
+
+def test_client_mode_clips_and_adds_each_clients_share_of_the_noise():
+    settings = Privacy(clip=2.0, noise_multiplier=3.0, mode="client")
+    s = DPFedAvg(settings, seed=0, num_clients=100, per_round=9).wrap(dp().inner)
+    hook = s.client_hook(torch.nn.Linear(1, 1), {}, {}, {})
+    torch.manual_seed(123)  # what train_client does for each (seed, round, client)
+    big = {"w": torch.full((400_000,), 10.0), "n": torch.tensor(5)}
+    out = hook.transform(big)
+    clipped = 2.0 / math.sqrt(400_000) * 10 / 10  # every coordinate of the clipped update
+    noise = out["w"].double() - clipped
+    assert float(noise.std()) == pytest.approx(3.0 * 2.0 / 3, rel=0.01)  # z C / sqrt(K)
+    assert int(out["n"]) == 0  # the step counter does not travel
+    torch.manual_seed(123)
+    assert torch.equal(hook.transform(big)["w"], out["w"])  # seeded by the client's round
+    assert s.combine([{"w": torch.ones(2)}] * 9, [1.0] * 9)["w"].tolist() == [1.0, 1.0]
+
+
+def test_client_mode_rounds_with_fewer_noisy_clients_cost_more():
+    settings = Privacy(clip=1.0, noise_multiplier=2.0, mode="client")
+    s = DPFedAvg(settings, seed=0, num_clients=100, per_round=4).wrap(dp().inner)
+    s.combine([{"w": torch.ones(2)}] * 4, [1.0] * 4)
+    s.combine([{"w": torch.ones(2)}] * 3, [1.0] * 3)
+    accountant = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    for scale in (1.0, math.sqrt(3 / 4)):  # the round's noise: sqrt(m / K) of the full
+        gaussian = dp_accounting.GaussianDpEvent(scale * 2.0 / 2)
+        accountant.compose(dp_accounting.SampledWithoutReplacementDpEvent(100, 4, gaussian))
+    assert s.metrics()["privacy/epsilon"] == pytest.approx(accountant.get_epsilon(1e-5))
+    assert s.metrics()["privacy/epsilon"] > eps(2.0, 100, 4, 2)
+    local = local_epsilon(settings, 4, 2)  # what the server sees of one client's update
+    assert local == pytest.approx(epsilon_full_participation(2.0 / math.sqrt(4), 2, 1e-5))
+    assert s.metrics()["privacy/epsilon_local"] == local
+
+
+@pytest.mark.parametrize("compressor", ["none", "fedbat"])
+def test_client_mode_trains_and_with_negligible_noise_equals_server_mode(tmp_path, compressor):
+    """Clipping on the client before an exact uplink is clipping on the server after it."""
+    common = (*DP, f"compressor={compressor}", "compressor.downlink=none", "fed.rounds=2")
+    common += ("privacy.noise_multiplier=1e-9", "privacy.clip=0.3")
+    run(make_cfg(tmp_path / "client", *common, "privacy.mode=client"))
+    last = rows(tmp_path / "client")[-1]
+    assert float(last["privacy/epsilon_local"]) > 0 and math.isfinite(float(last["test/acc"]))
+    if compressor == "none":
+        run(make_cfg(tmp_path / "server", *common))
+        one = checkpoint.load(tmp_path / "client" / "checkpoint.pt")["server"]["global"]
+        two = checkpoint.load(tmp_path / "server" / "checkpoint.pt")["server"]["global"]
+        for k, v in one.items():
+            assert torch.allclose(v.float(), two[k].float(), atol=1e-5), k
+
+
+def test_client_mode_with_adaptive_clipping_is_refused():
+    with pytest.raises(ConfigError, match=r"privacy.clip=auto with privacy.mode=client"):
+        validate(compose([*DP, "privacy.clip=auto", "privacy.mode=client"]))

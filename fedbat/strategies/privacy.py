@@ -10,99 +10,27 @@ moments: post-processing). Integer tensors (BatchNorm's step counters) are not a
 they would reveal how many steps a client took. The noise is drawn from (seed, release), so
 runs are deterministic, resume bitwise and are equal on 1 and N processes.
 
-Accounting: fedbat samples K of the N clients uniformly without replacement each round, so
-a round is ``SampledWithoutReplacementDpEvent(N, K, GaussianDpEvent(z / 2))`` under the
-replace-one relation (one client's data replaced by another's moves the clipped sum by up to
-2C, and dp-accounting's noise multiplier is the noise std over that sensitivity), composed
-over the rounds released, in the RDP accountant (Wang, Balle & Kasiviswanathan 2019, Thm 27).
+The settings and their accounting: ``fedbat/strategies/privacy_budget.py``.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any
 
 import torch
+from torch import nn
 
-from fedbat.errors import ConfigError, check_range
+from fedbat.errors import ConfigError
+from fedbat.hooks import ClientHook
 from fedbat.seeding import generator
 from fedbat.strategies.base import Strategy
-from fedbat.strategies.wrappers import StrategyWrapper, clip
+from fedbat.strategies.privacy_budget import Privacy, epsilon, local_epsilon
+from fedbat.strategies.wrappers import StrategyWrapper, TransformHook, clip
 
 NOISE = 0xD9  # the first part of every DP noise seed: never equal to a run's other draws
-
-
-@dataclass(frozen=True)
-class Privacy:
-    """The ``privacy=dp`` config group, checked. ``clip="auto"``: adaptive clipping."""
-
-    clip: float | str = 1.0
-    noise_multiplier: float = 1.0
-    delta: float = 1e-5
-    max_epsilon: float | None = None
-    target_quantile: float = 0.5  # adaptive: the quantile of update norms C tracks
-    clip_lr: float = 0.2  # adaptive: eta of the geometric update of C
-    initial_clip: float = 0.1  # adaptive: C before the first round
-    count_noise: float | None = None  # adaptive: std of the clipped count's noise (K / 20)
-
-    def __post_init__(self) -> None:
-        if self.clip != "auto":
-            check_range("privacy.clip", self.clip, 0.0, 1e12, low_open=True)
-        check_range("privacy.noise_multiplier", self.noise_multiplier, 0.0, 1e6, low_open=True)
-        check_range("privacy.delta", self.delta, 0.0, 1.0, low_open=True)
-        if self.max_epsilon is not None:
-            check_range("privacy.max_epsilon", self.max_epsilon, 0.0, 1e6, low_open=True)
-        check_range("privacy.target_quantile", self.target_quantile, 0.0, 1.0)
-        check_range("privacy.clip_lr", self.clip_lr, 0.0, 10.0)
-        check_range("privacy.initial_clip", self.initial_clip, 0.0, 1e12, low_open=True)
-        if self.count_noise is not None:
-            check_range("privacy.count_noise", self.count_noise, 0.0, 1e6, low_open=True)
-
-    @property
-    def adaptive(self) -> bool:
-        return self.clip == "auto"
-
-    def count_std(self, per_round: int) -> float | None:
-        """sigma_b, the clipped count's noise std (adaptive clipping only)."""
-        if not self.adaptive:
-            return None
-        sigma_b = self.count_noise if self.count_noise is not None else per_round / 20
-        if sigma_b <= self.noise_multiplier / 2:
-            raise ConfigError(
-                f"privacy.count_noise={sigma_b:g}: must exceed noise_multiplier / 2 = "
-                f"{self.noise_multiplier / 2:g}, or the update is left no noise budget"
-            )
-        return sigma_b
-
-    def update_multiplier(self, per_round: int) -> float:
-        """The update's noise over its replace-one sensitivity 2C: z / 2, less the count's
-        share with adaptive clipping (Andrew et al. 2021, Thm 1: the two Gaussians on one
-        sample compose as one of multiplier (m_update^-2 + sigma_b^-2)^-1/2 = z / 2)."""
-        sigma_b = self.count_std(per_round)
-        half = self.noise_multiplier / 2
-        return half if sigma_b is None else (half**-2 - sigma_b**-2) ** -0.5
-
-
-@functools.lru_cache(maxsize=4096)
-def epsilon(settings: Privacy, num_clients: int, per_round: int, rounds: int) -> float:
-    """The epsilon at ``settings.delta`` of ``rounds`` releases (module docstring)."""
-    import dp_accounting
-    from dp_accounting.rdp import RdpAccountant
-
-    if rounds == 0:
-        return 0.0
-    mechanism = dp_accounting.GaussianDpEvent(settings.update_multiplier(per_round))
-    if (sigma_b := settings.count_std(per_round)) is not None:  # the count is released too
-        count = dp_accounting.GaussianDpEvent(sigma_b)  # replace-one sensitivity 1
-        mechanism = dp_accounting.ComposedDpEvent([mechanism, count])
-    event = dp_accounting.SampledWithoutReplacementDpEvent(num_clients, per_round, mechanism)
-    relation = dp_accounting.NeighboringRelation.REPLACE_ONE
-    accountant = RdpAccountant(neighboring_relation=relation)
-    accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
-    return float(accountant.get_epsilon(settings.delta))
 
 
 class DPFedAvg(StrategyWrapper):
@@ -119,6 +47,8 @@ class DPFedAvg(StrategyWrapper):
         )
         self.clip = settings.initial_clip if settings.adaptive else float(settings.clip)
         self.multiplier = settings.update_multiplier(per_round)
+        self.released = 0  # noisy aggregates so far: what the accountant composes
+        self.short: dict[int, int] = {}  # client mode: noisy arrivals m < K -> rounds
         limit = settings.max_epsilon
         if limit is not None and (first := self.epsilon(1)) > limit:
             raise ConfigError(
@@ -126,10 +56,10 @@ class DPFedAvg(StrategyWrapper):
                 f"delta {settings.delta}; raise privacy.noise_multiplier or "
                 "privacy.max_epsilon, or sample fewer clients a round"
             )
-        self.released = 0  # noisy aggregates so far: what the accountant composes
         self.clipped: list[bool] = []
         self.used_clip = self.clip  # the C of the last release
-        self.transforms_update = False
+        self.client_side = settings.mode == "client"
+        self.transforms_update = self.client_side
 
     def wrap(self, inner: Strategy) -> StrategyWrapper:
         base = inner
@@ -143,16 +73,51 @@ class DPFedAvg(StrategyWrapper):
             )
         return super().wrap(inner)
 
-    def epsilon(self, rounds: int) -> float:
+    def epsilon(self, more: int = 0) -> float:
+        """After the releases so far and ``more`` with every sampled client's noise."""
+        full = self.released - sum(self.short.values()) + more
+        scaled = [(math.sqrt(m / self.per_round), n) for m, n in sorted(self.short.items())]
+        rounds = ((1.0, full), *scaled) if scaled else full
         return epsilon(self.settings, self.population, self.per_round, rounds)
+
+    def client_hook(
+        self,
+        model: nn.Module,
+        held: Mapping[str, torch.Tensor],
+        extra: Mapping[str, torch.Tensor],
+        state: Mapping[str, torch.Tensor],
+    ) -> ClientHook | None:
+        inner = self.inner.client_hook(model, held, extra, state)
+        return TransformHook(inner, self._noised) if self.client_side else inner
+
+    def _noised(self, update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Client mode: the update clipped to C, plus this client's share of the noise, std
+        multiplier 2C / sqrt(K), drawn from its own seed (seed, round, client); integer
+        tensors zeroed (they would reveal its step count)."""
+        clipped, _ = clip(update, self.clip)
+        gen = generator(NOISE, torch.initial_seed())  # train_client seeded it per client
+        std = self.noise_std / math.sqrt(self.per_round)
+        out = {}
+        for name in sorted(clipped):
+            v = clipped[name]
+            if v.is_floating_point():
+                noise = torch.randn(v.shape, generator=gen, dtype=torch.float64) * std
+                out[name] = (v.double() + noise).to(v.dtype)
+            else:
+                out[name] = torch.zeros_like(v)
+        return out
 
     def combine(
         self, updates: Sequence[Mapping[str, torch.Tensor]], weights: list[float]
     ) -> dict[str, torch.Tensor]:
-        """The noisy mean; ``weights`` are ignored (uniform: one client, one bound)."""
+        """The noisy mean; ``weights`` are ignored (uniform: one client, one bound). In client
+        mode the clients clipped and noised: the sum of what arrived, over K."""
         self.clipped, total, floats = [], {}, {}
         for update in updates:  # walked once: each is decoded as it is read
-            clipped, scaled = clip(update, self.clip)
+            if self.client_side:
+                clipped, scaled = dict(update), False
+            else:
+                clipped, scaled = clip(update, self.clip)
             self.clipped.append(scaled)
             for name, v in clipped.items():
                 if name not in total:
@@ -161,13 +126,15 @@ class DPFedAvg(StrategyWrapper):
                 if floats[name]:
                     total[name] += v.to(torch.float64)
         gen = generator(NOISE, self.seed, self.released)
-        std, out = self.noise_std, {}
+        std, out = 0.0 if self.client_side else self.noise_std, {}
         for name in sorted(total):  # an integer tensor stays as it is: a zero update
             if floats[name]:
                 noise = torch.randn(total[name].shape, generator=gen, dtype=torch.float64)
                 total[name] = (total[name] + std * noise) / self.per_round
             out[name] = total[name].to(torch.float32)
         self.used_clip = self.clip
+        if self.client_side and len(self.clipped) < self.per_round:  # less noise arrived
+            self.short[len(self.clipped)] = self.short.get(len(self.clipped), 0) + 1
         if self.settings.adaptive:
             self._adapt(gen)
         self.released += 1
@@ -189,37 +156,49 @@ class DPFedAvg(StrategyWrapper):
 
     def stop_reason(self) -> str:
         limit = self.settings.max_epsilon
-        if limit is None or self.epsilon(self.released + 1) <= limit:
+        if limit is None or self.epsilon(1) <= limit:
             return self.inner.stop_reason()
         return (
             f"privacy: stopped after {self.released} noisy rounds at epsilon "
-            f"{self.epsilon(self.released):.4g} (delta {self.settings.delta}); one more would "
-            f"spend {self.epsilon(self.released + 1):.4g} > privacy.max_epsilon={limit}"
+            f"{self.epsilon():.4g} (delta {self.settings.delta}); one more would "
+            f"spend {self.epsilon(1):.4g} > privacy.max_epsilon={limit}"
         )
 
     def metrics(self) -> dict[str, float]:
         out = self.inner.metrics()
-        out["privacy/epsilon"] = self.epsilon(self.released)
+        out["privacy/epsilon"] = self.epsilon()
         out["privacy/noise_std"] = self.multiplier * 2 * self.used_clip
         out["privacy/clip"] = self.used_clip
-        if self.clipped:
+        if self.client_side:
+            eps = local_epsilon(self.settings, self.per_round, self.released)
+            out["privacy/epsilon_local"] = eps
+        elif self.clipped:
             out["privacy/clipped_fraction"] = sum(self.clipped) / len(self.clipped)
         return out
 
     def describe(self) -> str:
         c = f"adaptive (from {self.clip:g})" if self.settings.adaptive else f"{self.clip:g}"
+        where = (
+            f"each client clips its update to L2 {c} and adds noise of std "
+            f"{self.noise_std / math.sqrt(self.per_round):.4g}, the server sums them uniformly"
+            if self.client_side
+            else f"each decoded update clipped to L2 {c}, uniform weights, noise std "
+            f"{self.noise_std:.4g} on the sum"
+        )
+        first = epsilon(self.settings, self.population, self.per_round, 1)
         return (
-            f"privacy: DP-FedAvg, each decoded update clipped to L2 {c}, uniform weights, "
-            f"noise std {self.noise_std:.4g} on the sum, divided by {self.per_round} clients; "
-            f"epsilon {self.epsilon(1):.4g} after one round at delta {self.settings.delta}"
+            f"privacy: DP-FedAvg, {where}, divided by {self.per_round} clients; epsilon "
+            f"{first:.4g} after one round at delta {self.settings.delta}"
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return super().state_dict() | {"released": self.released, "clip": self.clip}
+        kept = {"released": self.released, "clip": self.clip, "short": dict(self.short)}
+        return super().state_dict() | kept
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.released, self.clip = int(state["released"]), float(state["clip"])
+        self.short = {int(m): int(n) for m, n in state["short"].items()}
 
 
 def private(strategy: Strategy, cfg: Mapping[str, Any], **run: int) -> Strategy:

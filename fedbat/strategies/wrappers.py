@@ -8,7 +8,7 @@ decorate it with ``@WRAPPERS.register("name")``; its parameters are its ``__init
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -113,7 +113,9 @@ class Clip(StrategyWrapper):
         state: Mapping[str, torch.Tensor],
     ) -> ClientHook | None:
         inner = self.inner.client_hook(model, held, extra, state)
-        return _ClipHook(inner, self.max_norm) if self.side == "client" else inner
+        if self.side == "server":
+            return inner
+        return TransformHook(inner, lambda update: clip(update, self.max_norm)[0])
 
     def metrics(self) -> dict[str, float]:
         out = self.inner.metrics()
@@ -156,11 +158,13 @@ class _Clipped(Sequence):
         return out
 
 
-class _ClipHook(ClientHook):
-    """The wrapped strategy's hook, the update clipped before it is encoded."""
+class TransformHook(ClientHook):
+    """The wrapped strategy's hook, then ``fn`` on the update before it is encoded."""
 
-    def __init__(self, inner: ClientHook | None, max_norm: float) -> None:
-        self.inner, self.max_norm = inner or ClientHook(), max_norm
+    def __init__(
+        self, inner: ClientHook | None, fn: Callable[[dict[str, torch.Tensor]], dict]
+    ) -> None:
+        self.inner, self.fn = inner or ClientHook(), fn
 
     def loss(self, loss: torch.Tensor) -> torch.Tensor:
         return self.inner.loss(loss)
@@ -172,7 +176,7 @@ class _ClipHook(ClientHook):
         self.inner.after_step(step)
 
     def transform(self, update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return clip(self.inner.transform(update), self.max_norm)[0]
+        return self.fn(self.inner.transform(update))
 
     def message(self, sent: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.inner.message(sent)
