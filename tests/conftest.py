@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import DictConfig, open_dict
 
 from fedbat.compose import compose
@@ -92,3 +93,23 @@ def fill(disk: Path, leave: int) -> None:
     free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
     with open(disk / "filler", "wb") as f:
         f.write(b"\0" * max(0, free - leave))
+
+
+@pytest.fixture(scope="session")
+def cnn4_update(tmp_path_factory) -> torch.Tensor:
+    """The largest conv-weight update of one real FMNIST cnn4 client (one local epoch),
+    computed once for every test that checks a compressor against it."""
+    import fedbat.compressors as C
+    from fedbat.client import ClientJob, train_client
+    from tests.helpers import components
+
+    if not (FMNIST_ROOT / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("FMNIST not installed (apt-get install dataset-fashion-mnist)")
+    parts = components(tmp_path_factory.mktemp("cnn4"), "data=fmnist", "model=cnn4",
+                       "data.num_clients=100", "compressor=none")  # fmt: skip
+    held = {k: v.clone() for k, v in parts.task.state_dict().items()}
+    res = train_client(parts.setup, ClientJob(client=0, round=0, held=held))
+    update, _ = C.decode_update(res.data, parts.plan, parts.uplink)
+    convs = [s for s in parts.plan if s.compressed and len(s.shape) == 4]
+    name = max(convs, key=lambda s: s.numel).name  # the largest conv weight
+    return update[name].reshape(-1)

@@ -15,7 +15,6 @@ from fedbat.errors import ConfigError, PacketError
 from fedbat.lifecycle import run
 from tests.conftest import make_cfg
 from tests.helpers import assert_same_run, components
-from tests.test_quantizers import cnn4_update  # noqa: F401  (a fixture)
 
 
 def low_rank(n: int, m: int, k: int, seed: int = 0) -> torch.Tensor:

@@ -8,10 +8,7 @@ import pytest
 import torch
 
 import fedbat.compressors as C
-from fedbat.client import ClientJob, train_client
 from fedbat.errors import PacketError
-from tests.conftest import FMNIST_ROOT
-from tests.helpers import components
 
 # QLoRA (Dettmers et al. 2023), appendix E / bitsandbytes' NF4 table, as published
 NF4_TABLE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -19,21 +16,6 @@ NF4_TABLE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981445
              0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
              0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
              0.7229568362236023, 1.0]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def cnn4_update(tmp_path_factory) -> torch.Tensor:
-    """The largest conv-weight update of one real FMNIST cnn4 client (one local epoch)."""
-    if not (FMNIST_ROOT / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip("FMNIST not installed (apt-get install dataset-fashion-mnist)")
-    parts = components(tmp_path_factory.mktemp("cnn4"), "data=fmnist", "model=cnn4",
-                       "data.num_clients=100", "compressor=none")  # fmt: skip
-    held = {k: v.clone() for k, v in parts.task.state_dict().items()}
-    res = train_client(parts.setup, ClientJob(client=0, round=0, held=held))
-    update, _ = C.decode_update(res.data, parts.plan, parts.uplink)
-    convs = [s for s in parts.plan if s.compressed and len(s.shape) == 4]
-    name = max(convs, key=lambda s: s.numel).name  # the largest conv weight
-    return update[name].reshape(-1)
 
 
 def gaussian(n: int = 10_000, seed: int = 0, scale: float = 1e-2) -> torch.Tensor:
