@@ -57,12 +57,19 @@ EDEN_EF = ["compressor.bits=1.5", "compressor.error_feedback=true"]  # shared se
         ("ef_signsgd", TORCHRUN, [], False),
         ("fedbat", [], ["model=cnn", "strategy=scaffold"], False),
         ("powersgd", [], ["compressor.rank=2", "strategy=fedavgm"], True),
+        (
+            "signsgd",
+            [],
+            ["privacy=dp", "privacy.mode=client", "privacy.noise_multiplier=0.5"],
+            True,
+        ),
     ],
     ids=[
         "eden-shared-randomness-ef-fedadam-resumed",
         "ef_signsgd-torchrun",
         "fedbat-cnn-scaffold",
         "powersgd-compressor-state-resumed",
+        "signsgd-client-dp-noise-resumed",
     ],
 )
 def test_two_processes_match_one_process_exactly(tmp_path, compressor, launcher, extra, resumed):
