@@ -6,10 +6,8 @@ import csv
 import json
 import math
 
-import dp_accounting
 import pytest
 import torch
-from dp_accounting.rdp import RdpAccountant
 
 import fedbat.compressors as C
 from fedbat import checkpoint
@@ -18,10 +16,12 @@ from fedbat.config import run_strategy, validate
 from fedbat.errors import ConfigError
 from fedbat.lifecycle import run
 from fedbat.strategies.privacy import DPFedAvg
-from fedbat.strategies.privacy_budget import Privacy, epsilon, local_epsilon
+from fedbat.strategies.privacy_budget import Privacy, accounting, epsilon, local_epsilon
 from tests.conftest import make_cfg
 from tests.helpers import assert_same_run
 
+dp_accounting = accounting()  # never a bare import: see accounting()
+RdpAccountant = dp_accounting.rdp.RdpAccountant
 DP = ("privacy=dp", "trainer.threads=1")
 
 

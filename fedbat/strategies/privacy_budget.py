@@ -10,7 +10,9 @@ over the rounds released, in the RDP accountant (Wang, Balle & Kasiviswanathan 2
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
+from types import ModuleType
 
 from fedbat.errors import ConfigError, check_range
 
@@ -77,12 +79,26 @@ class Privacy:
 Releases = tuple[tuple[float, int], ...]  # (noise scale, rounds): 1.0 is the full noise
 
 
+@functools.cache
+def accounting() -> ModuleType:
+    """``dp_accounting`` (with ``.rdp``), imported on first use. It imports absl, whose logging
+    handler keeps the ``sys.stderr`` of that moment and closes it whenever logging is
+    reconfigured (Hydra does, each job) unless it is the process's own: so it gets the
+    process's own (a test runner's captured stream would otherwise be closed under it)."""
+    import dp_accounting
+    import dp_accounting.rdp
+    from absl import logging as absl_logging
+
+    absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
+    return dp_accounting
+
+
 @functools.lru_cache(maxsize=4096)
 def epsilon(settings: Privacy, num_clients: int, per_round: int, rounds: int | Releases) -> float:
     """The epsilon at ``settings.delta`` of ``rounds`` releases (module docstring); client
     mode's rounds in which fewer clients added noise count at their scale sqrt(m / K)."""
-    import dp_accounting
-    from dp_accounting.rdp import RdpAccountant
+    dp_accounting = accounting()
+    RdpAccountant = dp_accounting.rdp.RdpAccountant
 
     relation = dp_accounting.NeighboringRelation.REPLACE_ONE
     accountant = RdpAccountant(neighboring_relation=relation)
@@ -102,8 +118,8 @@ def local_epsilon(settings: Privacy, per_round: int, rounds: int) -> float:
     """Client mode: what one client's own noisy update reveals to the server that sees it
     (its share of the noise, multiplier z / (2 sqrt K)), composed over ``rounds`` as if it
     took part in every one: an upper bound with no sampling amplification."""
-    import dp_accounting
-    from dp_accounting.rdp import RdpAccountant
+    dp_accounting = accounting()
+    RdpAccountant = dp_accounting.rdp.RdpAccountant
 
     if rounds == 0:
         return 0.0
