@@ -54,9 +54,10 @@ def test_deployment_matches_fedbat_train(tmp_path, compressor):
     run(make_cfg(tmp_path / "train", *JOB, "data.num_clients=3", f"compressor={compressor}"))
     flower, train = rows(tmp_path / "flower"), rows(tmp_path / "train")
     assert len(flower) == len(train) == 3
+    rejected = [line for line in out.stdout.splitlines() if "rejected client" in line]
     for f, t in zip(flower, train, strict=True):
-        for key in ("train/loss", "test/acc", "bits/uplink", "bits/downlink", "clients/accepted"):
-            assert f[key] == t[key], (key, f["round"])
+        for key in ("clients/accepted", "train/loss", "test/acc", "bits/uplink", "bits/downlink"):
+            assert f[key] == t[key], (key, f["round"], rejected)
         wire, packets = 8 * float(f["flower/uplink_bytes"]), float(f["bits/uplink"])
         assert packets <= wire  # Flower's messages carry the packets and a little more
         if compressor == "fedbat":

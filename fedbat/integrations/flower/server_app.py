@@ -29,6 +29,7 @@ from fedbat.transport import RoundContext, Trained
 
 app = ServerApp()
 POLL_S = 0.2  # between pulls of a round's replies (Flower's own send_and_receive waits 3 s)
+ASK_TRIES = 3  # queries to a node that does not say which client it serves
 
 
 def message_bytes(message: Message) -> int:
@@ -43,7 +44,7 @@ class FlowerTransport:
     def __init__(self, grid: Grid, round_timeout: float, wait_nodes: float = 120.0) -> None:
         self.grid, self.round_timeout, self.wait_nodes = grid, round_timeout, wait_nodes
         self.nodes: dict[int, int] = {}  # fedbat client -> Flower node id
-        self.asked: set[int] = set()  # nodes asked which client they serve
+        self.asked: dict[int, int] = {}  # node -> times asked which client it serves
         self.sent = {"flower/uplink_bytes": 0, "flower/downlink_bytes": 0}
 
     clients_persist = False  # a client's Flower context lasts one run: a resumed run starts bare
@@ -141,17 +142,21 @@ class FlowerTransport:
         return content
 
     def _discover(self, num_clients: int) -> set[int]:
-        """The SuperNodes online; each new one is asked once which client it serves (its
-        ``partition-id``). Before the first round, waits up to ``wait_nodes`` seconds for a
-        node per client, so that no client is missed for having connected late."""
+        """The SuperNodes online; each new one is asked which client it serves (its
+        ``partition-id``), again in later rounds when it did not answer (its ClientApp may
+        take long to start on a loaded host), up to ``ASK_TRIES`` times. Before the first
+        round, waits up to ``wait_nodes`` seconds for a node per client, so that no client
+        is missed for having connected late."""
         deadline = time.monotonic() + (self.wait_nodes if not self.asked else 0.0)
         while True:
             online = set(self.grid.get_node_ids())
-            if new := online - self.asked:
-                self.asked |= new
+            known = set(self.nodes.values())
+            if ask := {n for n in online - known if self.asked.get(n, 0) < ASK_TRIES}:
+                for n in ask:
+                    self.asked[n] = self.asked.get(n, 0) + 1
                 queries = [
                     Message(RecordDict({}), dst_node_id=n, message_type=MessageType.QUERY)
-                    for n in new
+                    for n in ask
                 ]
                 for reply in self.grid.send_and_receive(queries, timeout=60):
                     if reply.has_error() or RECORD not in reply.content.config_records:
