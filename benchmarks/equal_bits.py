@@ -58,9 +58,10 @@ RECORDED = (CONFIG, METRICS, SUMMARY)
 BEGIN, END = "<!-- equal-bits:begin -->", "<!-- equal-bits:end -->"
 
 
-def overrides(name: str, part: str, seed: int, rounds: int) -> list[str]:
+def overrides(name: str, part: str, seed: int, rounds: int, threads: int | None) -> list[str]:
     comp = next(c for _, n, c in GRID if n == name)
     return [
+        *([f"trainer.threads={threads}"] if threads else []),
         "experiment=fmnist_paper",
         f"fed.rounds={rounds}",
         f"seed={seed}",
@@ -82,7 +83,7 @@ def train(args: argparse.Namespace) -> None:
                 if (record / SUMMARY).is_file():
                     continue
                 run_dir = args.out / part / name / f"seed{seed}"
-                cfg = compose(overrides(name, part, seed, args.rounds))
+                cfg = compose(overrides(name, part, seed, args.rounds, args.threads))
                 with open_dict(cfg):
                     cfg.run_dir = str(run_dir)
                 t0 = time.perf_counter()
@@ -160,6 +161,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--seeds", default="0,1")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     p.add_argument("--partitions", default=",".join(PARTITIONS), help=f"of {list(PARTITIONS)}")
     p.add_argument(
         "--only", help="budgets (1bit, 2bit, ...) or run names to train, comma-separated"
