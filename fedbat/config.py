@@ -14,6 +14,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from fedbat.compressors import build_pair
 from fedbat.compressors.plan import module_types
 from fedbat.datamodules import PARTITIONERS, READERS
+from fedbat.devices import build_devices, clock_enabled
 from fedbat.errors import ConfigError, check_range
 from fedbat.hooks import check_transform_point
 from fedbat.models import MODELS, check_params
@@ -111,7 +112,7 @@ def _choice(key: str, value: Any, allowed: Any) -> None:
 # Sections whose keys are fedbat's own: a key they do not have (``+fed.roundz=3``) is a typo.
 # The groups (data, model, compressor, strategy, privacy, logger) and task/datamodule take
 # parameters.
-CLOSED = ("fed", "policy", "trainer", "checkpoint", "network")
+CLOSED = ("fed", "policy", "trainer", "checkpoint", "network", "system")
 OPEN = ("data", "model", "compressor", "strategy", "privacy", "logger", "hydra")
 
 
@@ -129,6 +130,26 @@ def _check_keys(cfg: DictConfig) -> None:
                 f"{key}={OmegaConf.select(cfg, key)!r}: no such key; "
                 f"{section or 'the config'} has: {', '.join(sorted(keys - {'hydra'}))}"
             )
+
+
+def _check_system(cfg: DictConfig) -> None:
+    """``system.*``: ranges, the trace and availability files (read once, here, so that a bad
+    row fails before any work), and a clock for the round policies to act on."""
+    s = cfg.system
+    check_range("system.compute_s_per_sample", s.compute_s_per_sample, 0.0, 1e6)
+    check_range("system.compute_spread", s.compute_spread, 0.0, 5.0)
+    check_range("system.over_select", s.over_select, 1.0, 100.0)
+    if s.deadline_s is not None:
+        check_range("system.deadline_s", s.deadline_s, 0.0, 1e12, low_open=True)
+    timed = clock_enabled(cfg)
+    for key, off in (("deadline_s", None), ("availability", None), ("over_select", 1.0)):
+        if s[key] != off and not timed:
+            raise ConfigError(
+                f"system.{key}={s[key]!r}: rounds have no time to act on; set "
+                "system.compute_s_per_sample, system.trace or network.uplink_mbps/downlink_mbps"
+            )
+    if s.trace or s.availability:
+        build_devices(cfg, int(cfg.data.num_clients))
 
 
 def validate(cfg: DictConfig) -> None:
@@ -179,6 +200,7 @@ def validate(cfg: DictConfig) -> None:
             check_range(f"network.{key}", net[key], 0.0, 1e9, low_open=True)
     check_range("network.latency_ms", net.get("latency_ms", 0.0), 0.0, 1e7)
     check_range("network.spread", net.get("spread", 0.0), 0.0, 5.0)
+    _check_system(cfg)
     if cfg.get("target_acc") is not None:
         check_range("target_acc", cfg.target_acc, 0.0, 1.0)
     t = cfg.trainer

@@ -17,6 +17,7 @@ from fedbat.client import ClientJob, ClientResult, input_conversion, train_clien
 from fedbat.clientstate import ClientState
 from fedbat.clientstore import ClientStore
 from fedbat.contract import evaluate, evaluation_plan
+from fedbat.devices import Clock, build_devices, clock_enabled
 from fedbat.downlink import Delivery, Downlink, encode_full
 from fedbat.errors import ConfigError
 from fedbat.network import Network
@@ -51,17 +52,33 @@ class Federation:
             else None
         )
         self.comm_s = 0.0  # cumulative simulated communication time
+        self.clock: Clock | None = None
+        if clock_enabled(cfg):
+            s = cfg.system
+            devices = build_devices(cfg, self.dm.num_clients)
+            self.clock = Clock(devices, s.deadline_s, float(s.over_select))
         self.history: list[dict[str, float]] = []
         self.monitor = str(cfg.get("monitor", "auto"))  # 'auto': resolved at the first evaluation
 
     def play_round(self, r: int) -> dict[str, float]:
         """Sample, send each client what it missed, train, aggregate, broadcast, count."""
-        cfg, t0 = self.cfg, time.perf_counter()
-        clients = sample_clients(cfg.seed, r, self.dm.num_clients, cfg.fed.clients_per_round)
+        cfg, t0, per_round = self.cfg, time.perf_counter(), self.cfg.fed.clients_per_round
+        if self.clock is None:
+            clients = sample_clients(cfg.seed, r, self.dm.num_clients, per_round)
+        else:
+            start, clients = self.clock.sample(cfg.seed, r, per_round)
         sent_down = self.downlink.deliver(clients, r)
-        trained = self.transport.train(self._context(r, sent_down))
+        to_train = sent_down
+        if self.clock is not None:
+            epochs, size = self.local.epochs, self.dm.client_size
+            line = self.clock.begin(
+                start, {d.client: d.bits for d in sent_down}, {c: epochs * size(c) for c in clients}
+            )
+            to_train = [d for d in sent_down if d.client in line.computed]
+        trained = self.transport.train(self._context(r, to_train))
         results = trained.results
-        for client in trained.lost:  # what it holds is unknown now: the full model next time
+        unknown = trained.lost | (line.unknown if self.clock is not None else set())
+        for client in unknown:  # what it holds is unknown now: the full model next time
             self.downlink.version[client] = -1
         t_trained = time.perf_counter()
         resets = {res.client: res.reset for res in results if res.reset}
@@ -69,6 +86,18 @@ class Federation:
         self.store.advance([res.client for res in results if res.stored], r)
         for client, why in resets.items():
             self.fabric.print(f"round {r + 1}: client {client}: state reset, {why}")
+        timed: dict[str, float] = {}
+        if self.clock is not None:  # a late or dropped client's update is not aggregated
+            before = self.clock.now
+            up = {res.client: 8 * len(res.data) for res in results}
+            out = self.clock.end(line, up, per_round)
+            results = [res for res in results if res.client in out.kept or not res.ok]
+            timed = {
+                "sim/round_s": out.end - before,
+                "sim/clock_s": out.end,
+                "clients/dropped": out.dropped,
+                "clients/late": out.late,
+            }
         agg = self.server.aggregate(results, clients, r)
         lr = self.schedule.lr
         self.schedule.end_round(max(self.local.steps(self.dm.client_size(c)) for c in clients))
@@ -97,11 +126,24 @@ class Federation:
                 "clients/rejected": len(agg.rejected),
                 "clients/state_reset": len(resets),
             }
+            | timed
             | {f"fedbat/{k}": v for k, v in agg.stats.items()}
             | agg.logs
             | self.transport.round_metrics()
             | ({"train/lr": lr} if lr is not None else {})
         )
+
+    def stop_reason(self) -> str:
+        """Why the run stops before its next round ('' to go on): the strategy's (a privacy
+        budget), or no client ever online again."""
+        if why := self.server.strategy.stop_reason():
+            return why
+        if self.clock is not None and self.clock.first_online() is None:
+            return (
+                f"fedbat: stopping: no client is online at or after virtual time "
+                f"{self.clock.now:.1f} s (system.availability)"
+            )
+        return ""
 
     def _context(self, r: int, sent_down: list[Delivery]) -> RoundContext:
         held = self.server.held | self.server.held_extra
@@ -183,4 +225,7 @@ class Federation:
         self.history = state["history"]
         if self.monitor == "auto":
             self.monitor = state["monitor"]
-        self.comm_s = self.history[-1].get("sim/comm_cum_s", 0.0) if self.history else 0.0
+        last = self.history[-1] if self.history else {}
+        self.comm_s = last.get("sim/comm_cum_s", 0.0)
+        if self.clock is not None:
+            self.clock.now = last.get("sim/clock_s", 0.0)

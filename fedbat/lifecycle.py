@@ -161,11 +161,11 @@ def _train(
     status = "failed"
     try:
         for r in range(start, f.rounds):
-            if why := strategy.stop_reason():  # e.g. the privacy budget: checkpointed already
+            if why := fed.stop_reason():  # e.g. the privacy budget: checkpointed already
                 fabric.print(why)
                 break
             metrics = fed.play_round(r)
-            last = r + 1 == f.rounds or bool(strategy.stop_reason())
+            last = r + 1 == f.rounds or bool(fed.stop_reason())
             if is_zero and ((r + 1) % f.eval_every == 0 or last):
                 metrics |= fed.evaluate()
             fed.history.append(metrics)

@@ -43,8 +43,8 @@ def summarise(
 ) -> dict[str, Any]:
     """Best/final value of the monitored metric (``monitor``, as resolved from ``auto``;
     best is the max, or the min with ``monitor_mode=min``, and ``auto`` is min for a loss,
-    error or perplexity), total bits, and the uplink bits at which it first reached
-    ``target_acc`` (None when it never did)."""
+    error or perplexity), total bits, and the uplink bits, all bits and virtual time
+    (``sim/clock_s``) at which it first reached ``target_acc`` (None when it never did)."""
     key = monitor or cfg.get("monitor", "auto")
     key = "test/acc" if key == "auto" else key  # nothing was evaluated
     lower = monitor_lower(key, cfg.get("monitor_mode", "auto"))
@@ -54,9 +54,7 @@ def summarise(
     def reached(value: float) -> bool:
         return value <= target if lower else value >= target
 
-    hit = next(
-        (h["bits/uplink_cum"] for h in evals if target is not None and reached(h[key])), None
-    )
+    hit = next((h for h in evals if target is not None and reached(h[key])), None)
     last = history[-1] if history else {}
     best = (min if lower else max)((h[key] for h in evals), default=None)
     return {
@@ -67,6 +65,8 @@ def summarise(
         "bits_uplink_total": last.get("bits/uplink_cum", 0),
         "bits_downlink_total": last.get("bits/downlink_cum", 0),
         "target_acc": target,
-        "bits_uplink_to_target": hit,
+        "bits_uplink_to_target": hit["bits/uplink_cum"] if hit else None,
+        "bits_to_target": hit["bits/uplink_cum"] + hit["bits/downlink_cum"] if hit else None,
+        "time_to_target_s": hit.get("sim/clock_s") if hit else None,  # None without a clock
         "privacy_epsilon": last.get("privacy/epsilon"),  # None without privacy=dp
     }
