@@ -23,7 +23,7 @@ USAGE = """usage: fedbat {train,flower,list,plot,compare} ...
                                       the same job on a local Flower deployment
                                       (SuperLink + N SuperNodes on 127.0.0.1)
   fedbat list                         every registry: compressors, strategies, wrappers, ...
-  fedbat plot RUN_DIR... [-o OUT] [--x round,uplink,downlink,total,comm]
+  fedbat plot RUN_DIR... [-o OUT] [--x round,uplink,downlink,total,comm,time]
                                       [--format png,pdf,svg]
                                       accuracy curves, seeds as mean +- sd
   fedbat compare RUN_DIR... [--target ACC]
@@ -179,7 +179,7 @@ def plot(args: list[str]) -> int:
     parser.add_argument(
         "--x",
         default="round,uplink",
-        help="x axes: round, uplink, downlink, total (bits), comm (simulated seconds)",
+        help="x axes: round, uplink, downlink, total (bits), comm, time (virtual seconds)",
     )
     parser.add_argument("--format", default="png", help="png, pdf, svg (comma-separated)")
     parser.add_argument("--title", default=None, help="default: dataset | model | partition")

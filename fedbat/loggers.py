@@ -110,7 +110,8 @@ def _wandb_logger(
         logger = make("offline")
         exp = logger.experiment
     exp.define_metric("round")
-    exp.define_metric("bits/uplink_cum")
+    for axis in AXES.values():
+        exp.define_metric(axis)
     if wandb_id is None:  # a new W&B run of a run with history (logger switched): its curves
         for row in history:
             logger.log_metrics(row, step=int(row["round"]))
@@ -118,18 +119,27 @@ def _wandb_logger(
 
 
 BITS_AXIS = "vs_uplink_bits/"
+CLOCK_AXIS = "vs_clock/"  # with a virtual clock (system.*, network.*): against sim/clock_s
+AXES = {BITS_AXIS: "bits/uplink_cum", CLOCK_AXIS: "sim/clock_s"}
 
 
 def _with_bits_axis(cls: type) -> type:
     """The WandbLogger that also logs test metrics under ``vs_uplink_bits/``, whose x-axis
-    is the cumulative uplink bits: "accuracy vs bits" is a default chart in the W&B UI."""
+    is the cumulative uplink bits, and with a virtual clock under ``vs_clock/`` against
+    ``sim/clock_s``: "accuracy vs bits" and "accuracy vs time" are default charts in W&B."""
 
     class BitsAxisWandbLogger(cls):  # type: ignore[misc, valid-type]
         is_wandb = True
         defined: set[str]
 
         def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
-            extra = {f"{BITS_AXIS}{k}": v for k, v in metrics.items() if k.startswith("test/")}
+            extra = {
+                f"{prefix}{k}": v
+                for prefix, axis in AXES.items()
+                if axis in metrics
+                for k, v in metrics.items()
+                if k.startswith("test/")
+            }
             self._define_axes([*metrics, *extra])
             super().log_metrics({**metrics, **extra}, step)
 
@@ -137,11 +147,11 @@ def _with_bits_axis(cls: type) -> type:
             """Each metric's x-axis, defined by its exact name the first time it is logged
             (wandb leaves the match order of overlapping globs undefined)."""
             if not hasattr(self, "defined"):
-                self.defined = {"round", "bits/uplink_cum"}
+                self.defined = {"round", *AXES.values()}
             for key in keys:
                 if key in self.defined:
                     continue
-                axis = "bits/uplink_cum" if key.startswith(BITS_AXIS) else "round"
+                axis = next((a for p, a in AXES.items() if key.startswith(p)), "round")
                 summary = "max,last" if key == "test/acc" else None
                 self.experiment.define_metric(key, step_metric=axis, summary=summary)
                 self.defined.add(key)

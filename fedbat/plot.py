@@ -33,6 +33,7 @@ X_AXES = {  # --x choice: (metric, axis label, log scale)
     "downlink": ("bits/downlink_cum", "cumulative downlink bits", True),
     "total": ("bits/total_cum", "cumulative bits, both ways", True),
     "comm": ("sim/comm_cum_s", "simulated communication time (s)", False),
+    "time": ("sim/clock_s", "virtual time (s): devices, links, round policy", False),
 }
 FORMATS = ("png", "pdf", "svg")
 # Keys that never tell configurations apart: the result-free ones, and the seed (the runs
@@ -205,12 +206,13 @@ def plot_runs(
 def compare(paths: Iterable[Path], target: float | None = None) -> str:
     """A Markdown table, one row per configuration (mean ± sd over seeds): final and best
     test accuracy, uplink bits to reach ``target`` (else the runs' ``target_acc``), total
-    bits each way and seconds per round."""
+    bits each way, seconds per round, and with a virtual clock (``system.*``, ``network.*``)
+    the virtual time to the target and in all."""
     groups = group_runs(find_runs(paths))
     lines = [
         "| configuration | seeds | final acc | best acc | uplink bits to target | "
-        "uplink bits | downlink bits | s/round |",
-        "|---|---|---|---|---|---|---|---|",
+        "uplink bits | downlink bits | s/round | virtual s to target | virtual s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for g in groups:
         metrics = g.metrics
@@ -218,13 +220,16 @@ def compare(paths: Iterable[Path], target: float | None = None) -> str:
         evals = [[r for r in rows if "test/acc" in r] for rows in metrics]
         if not all(evals):
             raise ConfigError(f"run dir {str(g.runs[0])!r}: no evaluated round in metrics.csv")
+        timed = all("sim/clock_s" in rows[-1] for rows in metrics)
         cells = [
             _stat([e[-1]["test/acc"] for e in evals], "{:.4f}"),
             _stat([max(r["test/acc"] for r in e) for e in evals], "{:.4f}"),
-            _to_target(evals, goal),
+            _to_target(evals, goal, "bits/uplink_cum", "{:.3g}"),
             _stat([rows[-1]["bits/uplink_cum"] for rows in metrics], "{:.3g}"),
             _stat([rows[-1]["bits/downlink_cum"] for rows in metrics], "{:.3g}"),
             _stat([statistics.mean(r["time/round_s"] for r in rows) for rows in metrics], "{:.2f}"),
+            _to_target(evals, goal, "sim/clock_s", "{:.1f}") if timed else "n/a",
+            _stat([rows[-1]["sim/clock_s"] for rows in metrics], "{:.1f}") if timed else "n/a",
         ]
         lines.append(f"| {g.label} | {len(g.runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -237,11 +242,12 @@ def _stat(values: list[float], fmt: str) -> str:
     return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
 
 
-def _to_target(evals: list[list[dict[str, float]]], goal: float | None) -> str:
+def _to_target(evals: list[list[dict[str, float]]], goal: float | None, key: str, fmt: str) -> str:
+    """``key`` (cumulative bits, the clock) when the test accuracy first reached ``goal``."""
     if goal is None:
         return "n/a"
-    hits = [next((r["bits/uplink_cum"] for r in e if r["test/acc"] >= goal), None) for e in evals]
+    hits = [next((r[key] for r in e if r["test/acc"] >= goal), None) for e in evals]
     if any(h is None for h in hits):
         reached = sum(h is not None for h in hits)
         return f"not reached ({reached}/{len(hits)} seeds reach {goal})"
-    return f"{_stat(hits, '{:.3g}')} (acc {goal})"  # type: ignore[arg-type]
+    return f"{_stat(hits, fmt)} (acc {goal})"  # type: ignore[arg-type]
