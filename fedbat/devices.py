@@ -13,7 +13,6 @@ the first K of an over-selected round.
 
 from __future__ import annotations
 
-import csv
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -24,23 +23,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from fedbat.errors import ConfigError
 from fedbat.network import Network
 from fedbat.seeding import derive_seed, generator
+from fedbat.traces import Profile, read_availability, read_trace
 
 DEVICES = -3  # the "who" part of the seeds of the drawn compute speeds
-TRACE_COLUMNS = ("client", "compute_s_per_sample", "uplink_mbps", "downlink_mbps", "latency_ms")
-AVAILABILITY_COLUMNS = ("client", "start_s", "end_s")
-
-
-@dataclass(frozen=True)
-class Profile:
-    """One device: seconds per local training sample, link bandwidths (bit/s), one-way latency."""
-
-    compute_s_per_sample: float
-    uplink_bps: float
-    downlink_bps: float
-    latency_s: float
 
 
 class Devices:
@@ -74,89 +61,6 @@ class Devices:
         """The earliest moment after ``t`` at which some offline client comes online."""
         starts = [s for spans in self.intervals.values() for s, _ in spans if s > t]
         return min(starts, default=None)
-
-
-def _number(path: Path, line: int, column: str, text: str, low: float, open_low: bool) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    bad = not math.isfinite(value) and not (column == "end_s" and value == math.inf)
-    if bad or value < low or (open_low and value == low):
-        bound = f"> {low:g}" if open_low else f">= {low:g}"
-        raise ConfigError(f"{path}:{line}: {column}={text!r}: must be a finite number {bound}")
-    return value
-
-
-def _rows(path: Path, columns: tuple[str, ...], num_clients: int):
-    """(line, client, values) of a CSV with exactly ``columns``, clients in [0, num_clients)."""
-    try:
-        f = open(path, newline="")  # noqa: SIM115  (closed below)
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read it ({err.strerror})") from None
-    with f:
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
-        if tuple(header) != columns:
-            raise ConfigError(
-                f"{path}: the header is {','.join(header)!r}; must be {','.join(columns)}"
-            )
-        for line, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) != len(columns):
-                raise ConfigError(f"{path}:{line}: {len(row)} values; must be {len(columns)}")
-            try:
-                client = int(row[0])
-            except ValueError:
-                client = -1
-            if not 0 <= client < num_clients:
-                raise ConfigError(
-                    f"{path}:{line}: client={row[0]!r}: must be an integer in [0, {num_clients})"
-                )
-            yield line, client, [c.strip() for c in row[1:]]
-
-
-def read_trace(path: Path, num_clients: int) -> list[Profile]:
-    """One profile per client from a CSV ``client,compute_s_per_sample,uplink_mbps,
-    downlink_mbps,latency_ms``, which must list every client once."""
-    profiles: dict[int, Profile] = {}
-    for line, client, (compute, up, down, latency) in _rows(path, TRACE_COLUMNS, num_clients):
-        if client in profiles:
-            raise ConfigError(f"{path}:{line}: client {client} is listed twice")
-        profiles[client] = Profile(
-            _number(path, line, "compute_s_per_sample", compute, 0.0, False),
-            1e6 * _number(path, line, "uplink_mbps", up, 0.0, True),
-            1e6 * _number(path, line, "downlink_mbps", down, 0.0, True),
-            _number(path, line, "latency_ms", latency, 0.0, False) / 1e3,
-        )
-    if missing := sorted(set(range(num_clients)) - set(profiles)):
-        raise ConfigError(
-            f"{path}: no row for client {missing[0]} ({len(missing)} of {num_clients} missing); "
-            "the trace must list every client"
-        )
-    return [profiles[c] for c in range(num_clients)]
-
-
-def read_availability(path: Path, num_clients: int) -> dict[int, list[tuple[float, float]]]:
-    """Each listed client's online intervals ``[start_s, end_s)`` (overlaps merged)."""
-    spans: dict[int, list[tuple[float, float]]] = {}
-    for line, client, (start, end) in _rows(path, AVAILABILITY_COLUMNS, num_clients):
-        s = _number(path, line, "start_s", start, 0.0, False)
-        e = _number(path, line, "end_s", end, 0.0, False)
-        if e <= s:
-            raise ConfigError(f"{path}:{line}: end_s={end!r}: must be after start_s={start!r}")
-        spans.setdefault(client, []).append((s, e))
-    merged = {}
-    for client, intervals in spans.items():
-        out: list[tuple[float, float]] = []
-        for s, e in sorted(intervals):
-            if out and s <= out[-1][1]:
-                out[-1] = (out[-1][0], max(out[-1][1], e))
-            else:
-                out.append((s, e))
-        merged[client] = out
-    return merged
 
 
 def clock_enabled(cfg: DictConfig) -> bool:

@@ -36,6 +36,8 @@ LAYERS = [
             "fedbat.optimization",
             "fedbat.task",
             "fedbat.network",
+            "fedbat.traces",
+            "fedbat.devices",
         ],
     ),
     ("settings", ["fedbat.config", "fedbat.results"]),
