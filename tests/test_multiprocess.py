@@ -48,6 +48,8 @@ def two_processes(
 # sizes when every process uses the same trainer.threads, so every comparison pins it.
 PINNED = "trainer.threads=1"
 EDEN_EF = ["compressor.bits=1.5", "compressor.error_feedback=true"]  # shared seeds, both ways
+CLOCK = ["network.uplink_mbps=1", "network.downlink_mbps=10", "system.compute_s_per_sample=0.01",
+         "system.compute_spread=1.0", "system.over_select=1.4", "system.deadline_s=1.2"]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -57,6 +59,7 @@ EDEN_EF = ["compressor.bits=1.5", "compressor.error_feedback=true"]  # shared se
         ("ef_signsgd", TORCHRUN, [], False),
         ("fedbat", [], ["model=cnn", "strategy=scaffold"], False),
         ("powersgd", [], ["compressor.rank=2", "strategy=fedavgm"], True),
+        ("ef_signsgd", [], CLOCK, True),
         (
             "signsgd",
             [],
@@ -69,6 +72,7 @@ EDEN_EF = ["compressor.bits=1.5", "compressor.error_feedback=true"]  # shared se
         "ef_signsgd-torchrun",
         "fedbat-cnn-scaffold",
         "powersgd-compressor-state-resumed",
+        "ef_signsgd-clock-late-and-over-selected-resumed",
         "signsgd-client-dp-noise-resumed",
     ],
 )
