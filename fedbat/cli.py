@@ -28,6 +28,9 @@ USAGE = """usage: fedbat {train,flower,list,plot,compare} ...
                                       accuracy curves, seeds as mean +- sd
   fedbat compare RUN_DIR... [--target ACC]
                                       a Markdown table of the runs
+  fedbat fedscale-trace CAPACITY [BEHAVIOUR] --clients N -o DIR
+                                      FedScale's device traces as system.trace and
+                                      system.availability CSVs
 """
 
 HYDRA_FLAGS = (
@@ -211,6 +214,33 @@ def compare(args: list[str]) -> int:
     return 0
 
 
+def fedscale_trace(args: list[str]) -> int:
+    from fedbat.traces import convert_fedscale
+
+    parser = argparse.ArgumentParser(
+        prog="fedbat fedscale-trace",
+        description="FedScale's device traces (pickles, read as data only) as the CSVs of "
+        "system.trace and system.availability",
+    )
+    parser.add_argument("capacity", type=Path, help="client_device_capacity")
+    parser.add_argument("behaviour", type=Path, nargs="?", help="client_behave_trace")
+    parser.add_argument("--clients", type=int, required=True, help="data.num_clients")
+    parser.add_argument(
+        "--horizon-s", type=float, default=7 * 86400.0, help="availability to unroll (s)"
+    )
+    parser.add_argument("-o", "--out", type=Path, required=True, help="folder for the CSVs")
+    ns = parser.parse_args(args)
+    if ns.clients < 1 or not (math.isfinite(ns.horizon_s) and ns.horizon_s > 0):
+        return fail(f"--clients={ns.clients}, --horizon-s={ns.horizon_s}: must be >= 1 and > 0")
+    try:
+        written = convert_fedscale(ns.capacity, ns.behaviour, ns.clients, ns.horizon_s, ns.out)
+    except ConfigError as err:
+        return fail(str(err))
+    for path in filter(None, written):
+        print(path)
+    return 0
+
+
 def flower(args: list[str]) -> int:
     try:
         from fedbat.integrations.flower import deploy
@@ -238,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         "list": lambda _: list_registered(),
         "plot": plot,
         "compare": compare,
+        "fedscale-trace": fedscale_trace,
     }
     if argv[0] not in commands:
         return fail(f"unknown command {argv[0]!r}; available: {', '.join(commands)}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import math
+import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,3 +110,82 @@ def read_availability(path: Path, num_clients: int) -> dict[int, list[tuple[floa
                 out.append((s, e))
         merged[client] = out
     return merged
+
+
+class _DataOnly(pickle.Unpickler):
+    """Unpickles containers, numbers and strings only: any class or function a pickle
+    names (how a malicious one runs code) is refused before it is looked up."""
+
+    def find_class(self, module: str, name: str) -> object:
+        raise ConfigError(
+            f"the pickle names {module}.{name}; a FedScale trace holds only dicts, lists, "
+            "numbers and strings, so it is not read"
+        )
+
+
+def _load_pickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            data = _DataOnly(f).load()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read it ({err.strerror})") from None
+    except (pickle.UnpicklingError, EOFError, ValueError) as err:
+        raise ConfigError(f"{path}: not a pickle ({err})") from None
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: holds a {type(data).__name__}; must be a dict of clients")
+    return data
+
+
+def convert_fedscale(
+    capacity: Path, behaviour: Path | None, num_clients: int, horizon_s: float, out: Path
+) -> tuple[Path, Path | None]:
+    """FedScale's device traces as fedbat's CSVs: fedbat client c is the trace's c-th client
+    (keys in sorted order). ``client_device_capacity``: ``computation`` (ms a sample for
+    inference; FedScale charges 3x for training) and ``communication`` (kbit/s of 1024 bits,
+    both ways), so ``compute_s_per_sample = 3 x computation / 1000`` and both links
+    ``communication x 1024 / 1e6`` Mbit/s, no latency. ``client_behave_trace``: ``active``
+    and ``inactive`` times (s) of intervals repeating every ``finish_time`` s, unrolled up to
+    ``horizon_s``. Returns the files written (``trace.csv``, ``availability.csv``)."""
+    devices = _load_pickle(capacity)
+    keys = sorted(devices)[:num_clients]
+    if len(keys) < num_clients:
+        raise ConfigError(f"{capacity}: {len(keys)} clients; --clients {num_clients} asked")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for c, key in enumerate(keys):
+        d = devices[key]
+        try:
+            compute, link = float(d["computation"]), float(d["communication"])
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(
+                f"{capacity}: client {key!r}: needs numbers 'computation' and 'communication'"
+            ) from None
+        mbps = link * 1024 / 1e6
+        rows.append(f"{c},{3 * compute / 1000!r},{mbps!r},{mbps!r},0")
+    trace = out / "trace.csv"
+    trace.write_text("\n".join([",".join(TRACE_COLUMNS), *rows]) + "\n")
+    if behaviour is None:
+        return trace, None
+    behave = _load_pickle(behaviour)
+    spans = []
+    for c, key in enumerate(keys):
+        if key not in behave:
+            continue  # always online
+        b = behave[key]
+        try:
+            period = float(b["finish_time"])
+            pairs = list(zip(map(float, b["active"]), map(float, b["inactive"]), strict=True))
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(
+                f"{behaviour}: client {key!r}: needs 'finish_time' and equally long "
+                "'active' and 'inactive' lists of seconds"
+            ) from None
+        if not (math.isfinite(period) and period > 0):
+            raise ConfigError(f"{behaviour}: client {key!r}: finish_time={period!r}: must be > 0")
+        for k in range(math.ceil(horizon_s / period)):
+            spans += [f"{c},{k * period + s!r},{k * period + e!r}" for s, e in pairs if e > s]
+    availability = out / "availability.csv"
+    availability.write_text("\n".join([",".join(AVAILABILITY_COLUMNS), *spans]) + "\n")
+    return trace, availability

@@ -92,6 +92,11 @@ def write_csv(path: Path, header: str, rows: list[str]) -> Path:
     return path
 
 
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
 def rows(run_dir: Path) -> list[dict[str, float]]:
     with open(run_dir / "metrics.csv") as f:
         return [{k: float(v) for k, v in r.items() if v} for r in csv.DictReader(f)]
@@ -204,3 +209,50 @@ def test_a_round_policy_without_a_clock_is_refused(tmp_path, capsys):
     code = main(["train", f"hydra.run.dir={tmp_path / 'r'}", "system.deadline_s=10"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "system.deadline_s=10: rounds have no time to act on" in err, err
+
+
+class _Touch:
+    """What a malicious pickle does: run code on load (here, create a file)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_fedscale_traces_convert_as_data_and_train(tmp_path, capsys):
+    """FedScale's formats (ms a sample for inference, kbit/s both ways; intervals repeating
+    every finish_time s), converted by hand: client 0 is the smallest key."""
+    import pickle
+
+    capacity = {k: {"computation": 10.0 + k, "communication": 5000.0} for k in range(30, 5, -1)}
+    behave = {6: {"active": [0, 100], "inactive": [50, 150], "finish_time": 200,
+                  "duration": 200, "model": "x"}}  # fmt: skip
+    (tmp_path / "cap").write_bytes(pickle.dumps(capacity))
+    (tmp_path / "beh").write_bytes(pickle.dumps(behave))
+    out = tmp_path / "csv"
+    cmd = ["fedscale-trace", str(tmp_path / "cap"), str(tmp_path / "beh"), "--clients", "20",
+           "--horizon-s", "400", "-o", str(out)]  # fmt: skip
+    assert main(cmd) == 0
+    trace = read_csv(out / "trace.csv")
+    assert len(trace) == 20 and trace[0]["client"] == "0"
+    assert float(trace[0]["compute_s_per_sample"]) == pytest.approx(3 * 16.0 / 1000)  # key 6
+    assert float(trace[0]["uplink_mbps"]) == float(trace[0]["downlink_mbps"]) == 5.12
+    spans = [(float(r["start_s"]), float(r["end_s"])) for r in read_csv(out / "availability.csv")]
+    assert spans == [(0, 50), (100, 150), (200, 250), (300, 350)]
+    capsys.readouterr()
+    system = [
+        f"system.trace={out / 'trace.csv'}",
+        f"system.availability={out / 'availability.csv'}",
+    ]
+    assert main(["train", f"hydra.run.dir={tmp_path / 'run'}", "fed.rounds=1", "progress=false",
+                 *system]) == 0  # fmt: skip
+    assert rows(tmp_path / "run")[0]["sim/clock_s"] > 0
+    # a pickle that would run code is refused before anything runs
+    (tmp_path / "evil").write_bytes(pickle.dumps({1: _Touch(tmp_path / "pwned")}))
+    capsys.readouterr()
+    assert main(["fedscale-trace", str(tmp_path / "evil"), "--clients", "1", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the pickle names pathlib" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "pwned").exists()
