@@ -27,6 +27,12 @@ NOT_HERE = {  # command: why it cannot run here
     "torchrun --nproc_per_node=4 -m fedbat.cli train trainer.accelerator=gpu trainer.devices=4": (
         "needs 4 GPUs"
     ),
+    "fedbat fedscale-trace client_device_capacity client_behave_trace --clients 100 -o traces": (
+        "needs FedScale's trace files (not downloadable here); tests/test_devices.py converts "
+        "pickles of the same format"
+    ),
+    "fedbat train system.trace=traces/trace.csv system.availability=traces/availability.csv "
+    "data.num_clients=100": "needs the CSVs the command above writes",
     "sbatch examples/slurm/train.sbatch": "needs a SLURM cluster with GPUs; tests/test_slurm.py "
     "submits examples/slurm/train_cpu.sbatch to a real one",
 }
