@@ -224,7 +224,29 @@ def validate(cfg: DictConfig) -> None:
             f"resume={cfg.resume!r}: no such checkpoint file (use auto, false or a path)"
         )
     uplink, _ = build_pair(OmegaConf.to_container(cfg.compressor, resolve=True))  # type: ignore[arg-type]
-    check_transform_point(uplink, run_strategy(cfg))
+    strategy = run_strategy(cfg)
+    check_transform_point(uplink, strategy)
+    if strategy.asynchronous:
+        _check_buffered(cfg)
+
+
+def _check_buffered(cfg: DictConfig) -> None:
+    """Buffered rounds run on the clock, with their own policy, among enough clients."""
+    name, s = cfg.strategy.name, cfg.system
+    if not clock_enabled(cfg):
+        raise ConfigError(
+            f"strategy={name}: asynchronous rounds need client times; set "
+            "system.compute_s_per_sample, system.trace or network.uplink_mbps/downlink_mbps"
+        )
+    if s.deadline_s is not None or s.over_select != 1.0:
+        key = "deadline_s" if s.deadline_s is not None else "over_select"
+        raise ConfigError(
+            f"system.{key}={s[key]!r}: a synchronous round policy; strategy={name} takes "
+            "the first strategy.buffer_size arrivals instead"
+        )
+    check_range(
+        "strategy.buffer_size", cfg.strategy.buffer_size, 1, cfg.data.num_clients, integer=True
+    )
 
 
 def run_strategy(cfg: DictConfig, num_clients: int | None = None) -> Strategy:

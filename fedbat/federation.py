@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from fedbat import checkpoint
 from fedbat.accounting import BitCounter
 from fedbat.assembly import Components
+from fedbat.buffered import Buffered
 from fedbat.client import ClientJob, ClientResult, input_conversion, train_client
 from fedbat.clientstate import ClientState
 from fedbat.clientstore import ClientStore
@@ -23,6 +24,10 @@ from fedbat.errors import ConfigError
 from fedbat.network import Network
 from fedbat.seeding import sample_clients
 from fedbat.transport import InJob, RoundContext, Transport
+
+# a round's clients, what they were sent, the results it aggregates, the round each of those
+# trained in (buffered rounds), and its clock metrics
+Collected = tuple[list[int], list[Delivery], list[ClientResult], dict[int, int], dict[str, float]]
 
 
 class Federation:
@@ -57,50 +62,26 @@ class Federation:
             s = cfg.system
             devices = build_devices(cfg, self.dm.num_clients)
             self.clock = Clock(devices, s.deadline_s, float(s.over_select))
+        self.buffered: Buffered | None = None
+        if self.server.strategy.asynchronous and self.clock is not None:
+            size = int(cfg.strategy.buffer_size)
+            self.buffered = Buffered(self.clock, cfg.fed.clients_per_round, size, cfg.seed)
+        self.resets = 0  # the round's clients whose stored state was damaged
         self.history: list[dict[str, float]] = []
         self.monitor = str(cfg.get("monitor", "auto"))  # 'auto': resolved at the first evaluation
 
     def play_round(self, r: int) -> dict[str, float]:
         """Sample, send each client what it missed, train, aggregate, broadcast, count."""
-        cfg, t0, per_round = self.cfg, time.perf_counter(), self.cfg.fed.clients_per_round
-        if self.clock is None:
-            clients = sample_clients(cfg.seed, r, self.dm.num_clients, per_round)
-        else:
-            start, clients = self.clock.sample(cfg.seed, r, per_round)
-        sent_down = self.downlink.deliver(clients, r)
-        to_train = sent_down
-        if self.clock is not None:
-            epochs, size = self.local.epochs, self.dm.client_size
-            line = self.clock.begin(
-                start, {d.client: d.bits for d in sent_down}, {c: epochs * size(c) for c in clients}
-            )
-            to_train = [d for d in sent_down if d.client in line.computed]
-        trained = self.transport.train(self._context(r, to_train))
-        results = trained.results
-        unknown = trained.lost | (line.unknown if self.clock is not None else set())
-        for client in unknown:  # what it holds is unknown now: the full model next time
-            self.downlink.version[client] = -1
+        t0 = time.perf_counter()
+        self.resets = 0
+        play = self._synchronous if self.buffered is None else self._buffered
+        clients, sent_down, results, versions, timed = play(r)
         t_trained = time.perf_counter()
-        resets = {res.client: res.reset for res in results if res.reset}
-        self.store.forget(list(resets))
-        self.store.advance([res.client for res in results if res.stored], r)
-        for client, why in resets.items():
-            self.fabric.print(f"round {r + 1}: client {client}: state reset, {why}")
-        timed: dict[str, float] = {}
-        if self.clock is not None:  # a late or dropped client's update is not aggregated
-            before = self.clock.now
-            up = {res.client: 8 * len(res.data) for res in results}
-            out = self.clock.end(line, up, per_round)
-            results = [res for res in results if res.client in out.kept or not res.ok]
-            timed = {
-                "sim/round_s": out.end - before,
-                "sim/clock_s": out.end,
-                "clients/dropped": out.dropped,
-                "clients/late": out.late,
-            }
-        agg = self.server.aggregate(results, clients, r)
+        agg = self.server.aggregate(results, clients, r, versions)
         lr = self.schedule.lr
-        self.schedule.end_round(max(self.local.steps(self.dm.client_size(c)) for c in clients))
+        self.schedule.end_round(
+            max((self.local.steps(self.dm.client_size(c)) for c in clients), default=0)
+        )
         t_down = time.perf_counter()
         broadcast = self.server.broadcast(r)
         self.downlink.record(r, broadcast)
@@ -124,7 +105,7 @@ class Federation:
                 "time/compress_s": compress_s,
                 "clients/accepted": len(agg.accepted),
                 "clients/rejected": len(agg.rejected),
-                "clients/state_reset": len(resets),
+                "clients/state_reset": self.resets,
             }
             | timed
             | {f"fedbat/{k}": v for k, v in agg.stats.items()}
@@ -132,6 +113,74 @@ class Federation:
             | self.transport.round_metrics()
             | ({"train/lr": lr} if lr is not None else {})
         )
+
+    def _train(self, r: int, deliveries: list[Delivery]) -> list[ClientResult]:
+        """Train the clients of ``deliveries`` through the transport; clients it lost and
+        damaged stored states are dealt with here."""
+        trained = self.transport.train(self._context(r, deliveries))
+        for client in trained.lost:  # what it holds is unknown now: the full model next time
+            self.downlink.version[client] = -1
+        resets = {res.client: res.reset for res in trained.results if res.reset}
+        self.store.forget(list(resets))
+        self.store.advance([res.client for res in trained.results if res.stored], r)
+        for client, why in resets.items():
+            self.fabric.print(f"round {r + 1}: client {client}: state reset, {why}")
+        self.resets += len(resets)
+        return trained.results
+
+    def _synchronous(self, r: int) -> Collected:
+        """The round's clients, all at once; on the clock, its round policy decides whose
+        updates count (a late or dropped client's is not aggregated)."""
+        cfg, per_round = self.cfg, self.cfg.fed.clients_per_round
+        if self.clock is None:
+            clients = sample_clients(cfg.seed, r, self.dm.num_clients, per_round)
+            sent_down = self.downlink.deliver(clients, r)
+            return clients, sent_down, self._train(r, sent_down), {}, {}
+        start, clients = self.clock.sample(cfg.seed, r, per_round)
+        sent_down = self.downlink.deliver(clients, r)
+        line = self.clock.begin(
+            start, {d.client: d.bits for d in sent_down}, {c: self._samples(c) for c in clients}
+        )
+        results = self._train(r, [d for d in sent_down if d.client in line.computed])
+        for client in line.unknown:
+            self.downlink.version[client] = -1
+        before = self.clock.now
+        out = self.clock.end(line, {res.client: 8 * len(res.data) for res in results}, per_round)
+        results = [res for res in results if res.client in out.kept or not res.ok]
+        timed = {
+            "sim/round_s": out.end - before,
+            "sim/clock_s": out.end,
+            "clients/dropped": out.dropped,
+            "clients/late": out.late,
+        }
+        return clients, sent_down, results, {}, timed
+
+    def _buffered(self, r: int) -> Collected:
+        """FedBuff's round: the first ``buffer_size`` arrivals of clients that started when a
+        slot was free (``fedbat/buffered.py``), each from the model it was sent."""
+        assert self.buffered is not None and self.clock is not None
+        before = self.clock.now
+        rnd = self.buffered.play(
+            r, lambda cs: self.downlink.deliver(cs, r), lambda ds: self._train(r, ds), self._samples
+        )
+        for client in rnd.unknown:
+            self.downlink.version[client] = -1
+        versions = {f.client: f.version for f in rnd.arrived}
+        stale = [r - v for v in versions.values()] or [0]
+        timed = {
+            "sim/round_s": self.clock.now - before,
+            "sim/clock_s": self.clock.now,
+            "clients/dropped": rnd.dropped,
+            "clients/started": len(rnd.deliveries),
+            "fedbuff/staleness_mean": sum(stale) / len(stale),
+            "fedbuff/staleness_max": max(stale),
+        }
+        results = [f.result for f in rnd.arrived if f.result is not None]
+        return sorted(versions), rnd.deliveries, results, versions, timed
+
+    def _samples(self, client: int) -> int:
+        """The samples ``client`` trains on in a round: local epochs x its data."""
+        return self.local.epochs * self.dm.client_size(client)
 
     def stop_reason(self) -> str:
         """Why the run stops before its next round ('' to go on): the strategy's (a privacy
@@ -204,6 +253,7 @@ class Federation:
             "downlink": self.downlink.state_dict(),
             "bits": self.bits.state_dict(),
             "schedule": self.schedule.state_dict(),
+            "buffered": self.buffered.state_dict() if self.buffered is not None else {},
             "history": self.history,
             "monitor": self.monitor,
             "wandb_id": wandb_id or "",
@@ -222,6 +272,8 @@ class Federation:
             self.downlink.version.fill_(-1)
         self.bits = BitCounter(**state["bits"])
         self.schedule.load_state_dict(state["schedule"])
+        if self.buffered is not None:
+            self.buffered.load_state_dict(state["buffered"])
         self.history = state["history"]
         if self.monitor == "auto":
             self.monitor = state["monitor"]

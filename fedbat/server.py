@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -104,14 +104,20 @@ class Server:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def aggregate(
-        self, results: list[ClientResult], sampled: Collection[int], round_idx: int = 0
+        self,
+        results: list[ClientResult],
+        sampled: Collection[int],
+        round_idx: int = 0,
+        versions: Mapping[int, int] | None = None,
     ) -> Aggregate:
         """Decode and validate every packet of round ``round_idx`` in client-id order; apply
         the strategy's combination, for which the accepted packets are decoded again, one at
-        a time.
+        a time. ``versions``: the round each client trained in, when older (buffered rounds):
+        its shared randomness is that round's, its staleness the difference.
 
         Only the round's ``sampled`` clients count, each at most once: a result for another
         client, or several for one (a replay), is rejected, all of that client's."""
+        versions = versions or {}
         out = Aggregate()
         packets, weights, losses = [], [], []
         bound = self._update_norm_bound()
@@ -126,7 +132,8 @@ class Server:
             if not res.ok:
                 out.rejected[res.client] = res.failure
                 continue
-            shared = SharedSeed(self.seed, round_idx, res.client)
+            trained_in = versions.get(res.client, round_idx)
+            shared = SharedSeed(self.seed, trained_in, res.client)
             try:
                 plan, learned = self.packet_plan, self.learned
                 update, stats = decode_update(res.data, plan, self.uplink, learned, shared)
@@ -136,7 +143,8 @@ class Server:
                 continue
             out.accepted.append(res.client)
             packets.append((res.data, shared))
-            weights.append(self.weight(res.num_samples))
+            staleness = round_idx - trained_in
+            weights.append(self.strategy.weight(self.weight(res.num_samples), staleness))
             losses.append(res.train_loss)
             for k, v in stats.items():
                 out.stats[k] = out.stats.get(k, 0.0) + v

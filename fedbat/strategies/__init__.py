@@ -7,7 +7,7 @@ small differences from it (Flower's Strategy shape). Wrappers (``wrappers.py``) 
 them. Every module of this package is imported at start, so a new file registers itself.
 
 >>> ", ".join(sorted(STRATEGIES))
-'fedadagrad, fedadam, fedavg, fedavgm, fedprox, fedyogi, median, scaffold, trimmed_mean'
+'fedadagrad, fedadam, fedavg, fedavgm, fedbuff, fedprox, fedyogi, median, scaffold, trimmed_mean'
 >>> ", ".join(WRAPPERS.available())
 'clip'
 """

@@ -28,6 +28,12 @@ class Strategy:
 
     name: str = "?"
     transforms_update = False  # a client hook of it changes the update (``ClientHook.transform``)
+    asynchronous = False  # rounds are buffered arrivals of clients that trained from older models
+
+    def weight(self, base: float, staleness: int) -> float:
+        """An accepted update's aggregation weight, from its client's (``fed.weight_by``) and
+        the rounds its model is behind the server's (0 in synchronous rounds)."""
+        return base
 
     def __init__(self, lr: float = 1.0) -> None:
         check_range("lr", lr, 0.0, 100.0, low_open=True)

@@ -31,7 +31,11 @@ class StrategyWrapper(Strategy):
     def wrap(self, inner: Strategy) -> StrategyWrapper:
         self.inner, self.lr = inner, inner.lr
         self.transforms_update = self.transforms_update or inner.transforms_update
+        self.asynchronous = inner.asynchronous
         return self
+
+    def weight(self, base: float, staleness: int) -> float:
+        return self.inner.weight(base, staleness)
 
     def setup(self, params: Mapping[str, nn.Parameter], num_clients: int = 1) -> None:
         super().setup(params, num_clients)
