@@ -48,8 +48,9 @@ def two_processes(
 # sizes when every process uses the same trainer.threads, so every comparison pins it.
 PINNED = "trainer.threads=1"
 EDEN_EF = ["compressor.bits=1.5", "compressor.error_feedback=true"]  # shared seeds, both ways
-CLOCK = ["network.uplink_mbps=1", "network.downlink_mbps=10", "system.compute_s_per_sample=0.01",
-         "system.compute_spread=1.0", "system.over_select=1.4", "system.deadline_s=1.2"]  # fmt: skip
+LINKS = ["network.uplink_mbps=1", "network.downlink_mbps=10", "system.compute_spread=1.0",
+         "system.compute_s_per_sample=0.01"]  # fmt: skip
+CLOCK = [*LINKS, "system.over_select=1.4", "system.deadline_s=1.2"]
 
 
 @pytest.mark.parametrize(
@@ -60,6 +61,7 @@ CLOCK = ["network.uplink_mbps=1", "network.downlink_mbps=10", "system.compute_s_
         ("fedbat", [], ["model=cnn", "strategy=scaffold"], False),
         ("powersgd", [], ["compressor.rank=2", "strategy=fedavgm"], True),
         ("ef_signsgd", [], CLOCK, True),
+        ("signsgd", [], [*LINKS, "strategy=fedbuff", "strategy.buffer_size=3"], True),
         (
             "signsgd",
             [],
@@ -73,6 +75,7 @@ CLOCK = ["network.uplink_mbps=1", "network.downlink_mbps=10", "system.compute_s_
         "fedbat-cnn-scaffold",
         "powersgd-compressor-state-resumed",
         "ef_signsgd-clock-late-and-over-selected-resumed",
+        "signsgd-fedbuff-in-flight-resumed",
         "signsgd-client-dp-noise-resumed",
     ],
 )
