@@ -145,6 +145,8 @@ def test_every_strategy_composes_with_compressors(tmp_path, name, compressor):
     """A round of every pair: every client accepted, a finite model that moved, and uplink
     bits equal to the bytes of packets of the strategy's layout (its extra tensors too)."""
     args = (f"strategy={name}", f"compressor={compressor}", "fed.rounds=1")
+    if name == "fedbuff":  # asynchronous: a round of all that train at once, its buffer
+        args += ("system.compute_s_per_sample=0.01", "strategy.buffer_size=10")
     run(make_cfg(tmp_path, *args))
     (row,) = rows(tmp_path)
     parts = components(tmp_path / "x", *args)
