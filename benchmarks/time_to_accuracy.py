@@ -4,7 +4,9 @@ wall-clock time on slow, uneven devices, not only in bits.
 FMNIST cnn4, 100 clients, 10 a round, 1 local epoch; every client gets log-normal links
 around 1 Mbit/s up and 10 down (50 ms) and a log-normal compute speed around 5 ms a sample
 (``network.spread`` and ``system.compute_spread`` 1.0). FedAvg in fp32 and FedBAT (downlink
-fp32 for both), each waiting for all its clients or contacting 13 and keeping the first 10.
+fp32 for both), each waiting for all its clients, contacting 13 and keeping the first 10, or
+asynchronous (FedBuff: 10 training at once, every 5 arrivals aggregated, twice the rounds
+so that as many client updates are aggregated).
 Prints, per configuration: final accuracy, the round, virtual time and bits at which the test
 accuracy first reached ``--target``, and the median virtual round time.
 
@@ -34,7 +36,10 @@ CONFIGS = {
     "fedavg, 13 contacted, first 10": ["compressor=none", "system.over_select=1.3"],
     "fedbat, wait for all": ["compressor=fedbat"],
     "fedbat, 13 contacted, first 10": ["compressor=fedbat", "system.over_select=1.3"],
+    "fedavg, fedbuff (10 training, buffer 5)": ["compressor=none", "strategy=fedbuff"],
+    "fedbat, fedbuff (10 training, buffer 5)": ["compressor=fedbat", "strategy=fedbuff"],
 }
+ROUNDS = {"strategy=fedbuff": 2}  # a buffer of 5: twice the rounds for as many client updates
 
 
 def main() -> None:
@@ -43,18 +48,22 @@ def main() -> None:
     p.add_argument("--target", type=float, default=0.8)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/time_to_accuracy"))
+    p.add_argument("--only", default="", help="run the configurations whose name has this")
     args = p.parse_args()
     print("| configuration | final acc | round to target | virtual s to target | "
           "uplink bits to target | median virtual s/round | wall s |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     for name, overrides in CONFIGS.items():
+        if args.only not in name:
+            continue
+        rounds = args.rounds * max(ROUNDS.get(o, 1) for o in overrides)
         cfg = compose([
             "data=fmnist", "model=cnn4", "fed.local_epochs=1", "data.num_clients=100",
-            f"fed.rounds={args.rounds}", f"target_acc={args.target}", "progress=false",
+            f"fed.rounds={rounds}", f"target_acc={args.target}", "progress=false",
             "compressor.downlink=none", *DEVICES, *overrides,
             *([f"trainer.threads={args.threads}"] if args.threads else []),
         ])  # fmt: skip
-        run_dir = args.out / name.replace(", ", "_").replace(" ", "-")
+        run_dir = args.out / "".join(ch if ch.isalnum() else "-" for ch in name)
         with open_dict(cfg):
             cfg.run_dir = str(run_dir)
         t0 = time.perf_counter()
