@@ -54,6 +54,7 @@ LAYERS = [
             "fedbat.rundir",
             "fedbat.slurm",
             "fedbat.assembly",
+            "fedbat.buffered",
             "fedbat.federation",
             "fedbat.transport",
         ],
