@@ -256,3 +256,16 @@ def test_fedscale_traces_convert_as_data_and_train(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "the pickle names pathlib" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_run_without_devices_logs_as_before(tmp_path):
+    """No ``system.*`` and no ``network.*``: no clock, no new metrics, the plain draw."""
+    run(make_cfg(tmp_path, "fed.rounds=1"))
+    (row,) = rows(tmp_path)
+    new = ("sim/", "clients/dropped", "clients/late", "clients/started", "fedbuff/")
+    assert not [k for k in row if k.startswith(new)]
+    summary = (tmp_path / "summary.json").read_text()
+    assert '"time_to_target_s": null' in summary and '"bits_to_target": null' in summary
+    state = checkpoint.load(tmp_path / "checkpoint.pt")
+    held = {c for c in range(20) if int(state["downlink"]["version"][c]) == 0}
+    assert held == set(sample_clients(0, 0, 20, 10))  # the round's clients, as drawn before
