@@ -18,13 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from fedbat.client import ClientResult
 from fedbat.devices import Clock
 from fedbat.downlink import Delivery
-from fedbat.seeding import derive_seed
+from fedbat.seeding import sample_from
 
 BUFFERED = -4  # the "who" part of the seeds of the clients buffered rounds start
 
@@ -70,16 +69,16 @@ class Buffered:
         starting a client in each slot that frees before then. ``deliver`` sends clients the
         current model, ``train`` trains them from it, ``samples`` is a client's local
         samples (epochs x its data)."""
-        out, starts = BufferedRound(), [0]
+        out, starts = BufferedRound(), 0
 
         def start(at: float, count: int) -> None:
+            nonlocal starts
             busy = {f.client for f in self.flights} | {f.client for f in out.arrived}
             free = [c for c in self.clock.devices.online(at) if c not in busy]
             if not (k := min(count, len(free))):
                 return
-            rng = np.random.default_rng(derive_seed(self.seed, BUFFERED, r, starts[0]))
-            starts[0] += 1
-            sent = deliver(sorted(free[int(i)] for i in rng.choice(len(free), k, replace=False)))
+            sent = deliver(sample_from(free, k, self.seed, BUFFERED, r, starts))
+            starts += 1
             out.deliveries += sent
             results = {res.client: res for res in train(sent)}
             for d in sent:
@@ -118,9 +117,8 @@ class Buffered:
     ) -> Flight:
         """When ``d.client``'s update arrives (or it drops out), started at ``at``."""
         p = self.clock.devices.profile(d.client)
-        received = at + p.latency_s + d.bits / p.downlink_bps
-        computed = received + p.compute_s_per_sample * samples(d.client)
-        done = computed + p.latency_s + 8 * len(res.data) / p.uplink_bps
+        received = p.received(at, d.bits)
+        done = p.uploaded(p.computed(received, samples(d.client)), 8 * len(res.data))
         off = self.clock.devices.offline_at(d.client, at)
         off = math.inf if off is None else off
         if off < done:

@@ -19,12 +19,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from fedbat.network import Network
-from fedbat.seeding import derive_seed, generator
+from fedbat.seeding import generator, sample_from
 from fedbat.traces import Profile, read_availability, read_trace
 
 DEVICES = -3  # the "who" part of the seeds of the drawn compute speeds
@@ -104,11 +103,15 @@ class Timeline:
     dropped while downloading), and each trained client's compute end and offline moment."""
 
     start: float
-    train: list[int]
     gone: dict[int, str]
     unknown: set[int]
     computed: dict[int, float]
     offline: dict[int, float]
+
+    @property
+    def train(self) -> list[int]:
+        """The clients to train: those whose compute ends online and in time."""
+        return list(self.computed)
 
 
 @dataclass
@@ -147,8 +150,7 @@ class Clock:
         assert t is not None, "sample() after first_online() said no client comes online"
         online = self.devices.online(t)
         k = min(len(online), math.ceil(per_round * self.over_select - 1e-9))
-        rng = np.random.default_rng(derive_seed(seed, r))
-        return t, sorted(online[int(i)] for i in rng.choice(len(online), k, replace=False))
+        return t, sample_from(online, k, seed, r)
 
     def begin(
         self, start: float, down_bits: Mapping[int, int], samples: Mapping[int, int]
@@ -156,11 +158,11 @@ class Clock:
         """Who trains: a client that goes offline before its compute ends, or whose compute
         ends past the deadline, sends nothing and is not trained."""
         cut = start + self.deadline if self.deadline is not None else math.inf
-        tl = Timeline(start, [], {}, set(), {}, {})
+        tl = Timeline(start, {}, set(), {}, {})
         for c, bits in down_bits.items():
             p = self.devices.profile(c)
-            received = start + p.latency_s + bits / p.downlink_bps
-            computed = received + p.compute_s_per_sample * samples[c]
+            received = p.received(start, bits)
+            computed = p.computed(received, samples[c])
             off = self.devices.offline_at(c, start)
             tl.offline[c] = off = math.inf if off is None else off
             if min(off, computed) > cut:
@@ -170,7 +172,6 @@ class Clock:
                 if off < received:
                     tl.unknown.add(c)
             else:
-                tl.train.append(c)
                 tl.computed[c] = computed
         return tl
 
@@ -189,7 +190,7 @@ class Clock:
         finished: list[tuple[float, int]] = []
         for c in tl.train:
             p, off = self.devices.profile(c), tl.offline[c]
-            done = tl.computed[c] + p.latency_s + up_bits.get(c, 0) / p.uplink_bps
+            done = p.uploaded(tl.computed[c], up_bits.get(c, 0))
             if min(off, done) > cut:
                 late += 1
                 waited.append(cut)

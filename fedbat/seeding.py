@@ -6,6 +6,8 @@ any number of processes draw exactly the same numbers as an uninterrupted 1-proc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -34,5 +36,11 @@ def sample_clients(seed: int, round_idx: int, num_clients: int, per_round: int) 
     >>> sample_clients(0, 0, 100, 3) == sample_clients(0, 0, 100, 3)
     True
     """
-    rng = np.random.default_rng(derive_seed(seed, round_idx))
-    return sorted(int(c) for c in rng.choice(num_clients, per_round, replace=False))
+    return sample_from(range(num_clients), per_round, seed, round_idx)
+
+
+def sample_from(candidates: Sequence[int], k: int, *parts: int) -> list[int]:
+    """``k`` of ``candidates`` without replacement, sorted, drawn from the seed of ``parts``
+    (over ``range(n)`` exactly :func:`sample_clients`'s draw)."""
+    rng = np.random.default_rng(derive_seed(*parts))
+    return sorted(int(candidates[int(i)]) for i in rng.choice(len(candidates), k, replace=False))

@@ -26,6 +26,18 @@ class Profile:
     downlink_bps: float
     latency_s: float
 
+    def received(self, at: float, bits: int) -> float:
+        """When a download of ``bits`` started at ``at`` has arrived."""
+        return at + self.latency_s + bits / self.downlink_bps
+
+    def computed(self, received: float, samples: int) -> float:
+        """When local training on ``samples`` samples, from ``received``, is done."""
+        return received + self.compute_s_per_sample * samples
+
+    def uploaded(self, computed: float, bits: int) -> float:
+        """When an upload of ``bits`` started at ``computed`` has arrived."""
+        return computed + self.latency_s + bits / self.uplink_bps
+
 
 def _number(path: Path, line: int, column: str, text: str, low: float, open_low: bool) -> float:
     try:
