@@ -132,6 +132,9 @@ def _check_keys(cfg: DictConfig) -> None:
             )
 
 
+TIMES = "set system.compute_s_per_sample, system.trace or network.uplink_mbps/downlink_mbps"
+
+
 def _check_system(cfg: DictConfig) -> None:
     """``system.*``: ranges, the trace and availability files (read once, here, so that a bad
     row fails before any work), and a clock for the round policies to act on."""
@@ -144,10 +147,7 @@ def _check_system(cfg: DictConfig) -> None:
     timed = clock_enabled(cfg)
     for key, off in (("deadline_s", None), ("availability", None), ("over_select", 1.0)):
         if s[key] != off and not timed:
-            raise ConfigError(
-                f"system.{key}={s[key]!r}: rounds have no time to act on; set "
-                "system.compute_s_per_sample, system.trace or network.uplink_mbps/downlink_mbps"
-            )
+            raise ConfigError(f"system.{key}={s[key]!r}: rounds have no time to act on; {TIMES}")
     if s.trace or s.availability:
         build_devices(cfg, int(cfg.data.num_clients))
 
@@ -234,10 +234,7 @@ def _check_buffered(cfg: DictConfig) -> None:
     """Buffered rounds run on the clock, with their own policy, among enough clients."""
     name, s = cfg.strategy.name, cfg.system
     if not clock_enabled(cfg):
-        raise ConfigError(
-            f"strategy={name}: asynchronous rounds need client times; set "
-            "system.compute_s_per_sample, system.trace or network.uplink_mbps/downlink_mbps"
-        )
+        raise ConfigError(f"strategy={name}: asynchronous rounds need client times; {TIMES}")
     if s.deadline_s is not None or s.over_select != 1.0:
         key = "deadline_s" if s.deadline_s is not None else "over_select"
         raise ConfigError(
