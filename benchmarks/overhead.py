@@ -1,15 +1,30 @@
-"""fedbat's framework overhead against a minimal plain-PyTorch FedAvg loop.
+"""fedbat's framework overhead against a minimal plain-PyTorch FedAvg loop, in two regimes.
 
-Same workload in one process: FMNIST, cnn4, 100 clients iid, 10 per round, 1 local epoch,
-batch 64, SGD lr 0.1, 3 rounds, no evaluation in the timed rounds. Prints seconds per round
-for each and the ratio (target: fedbat / plain <= 1.05). Run: python benchmarks/overhead.py
+The same workload both ways: FMNIST, cnn4, iid, 1 local epoch, batch 64, SGD lr 0.1, no
+evaluation in the timed rounds, ``compressor=none``.
+
+- ``cross-silo``: 100 clients of 600 samples, 10 a round (local training dominates);
+- ``cross-device``: 1,000 clients of 60 samples, 100 a round: the same samples and steps a
+  round, but whatever fedbat does per client is paid ten times as often.
+
+Every measurement runs in a fresh process (so its peak RSS is its own), plain and fedbat
+interleaved; both end with one test evaluation of the final model (batches of 1,024, as
+fedbat evaluates), outside the timed rounds. Prints each regime's median s/round (rounds
+after the first), their ratio
+(targets: cross-silo <= 1.02, cross-device <= 1.03) and both peak RSS (target: fedbat
+within 1.1x). Run: python benchmarks/overhead.py
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import csv
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -17,42 +32,52 @@ import _isolate  # noqa: F401
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import open_dict
 
-from fedbat.compose import compose
-from fedbat.datamodules import FederatedDataModule
-from fedbat.lifecycle import run
-from fedbat.models import build
-
-WORKLOAD = [
-    "data=fmnist",
-    "model=cnn4",
-    "data.num_clients=100",
-    "data.partition=iid",
-    "fed.clients_per_round=10",
-    "fed.local_epochs=1",
-    "fed.batch_size=64",
-    "fed.lr=0.1",
-    "progress=false",
-    "resume=false",
-]
+REGIMES = {"cross-silo": (100, 10), "cross-device": (1000, 100)}  # clients, per round
 
 
-def fedbat_round_seconds(rounds: int) -> list[float]:
+def workload(regime: str, rounds: int, threads: int) -> list[str]:
+    clients, per_round = REGIMES[regime]
+    return [
+        "data=fmnist",
+        "model=cnn4",
+        f"data.num_clients={clients}",
+        "data.partition=iid",
+        f"fed.clients_per_round={per_round}",
+        "fed.local_epochs=1",
+        "fed.batch_size=64",
+        "fed.lr=0.1",
+        f"fed.rounds={rounds}",
+        f"fed.eval_every={rounds + 1}",
+        f"trainer.threads={threads}",
+        "progress=false",
+        "resume=false",
+    ]
+
+
+def fedbat_round_seconds(regime: str, rounds: int, threads: int) -> list[float]:
+    from omegaconf import open_dict
+
+    from fedbat.compose import compose
+    from fedbat.lifecycle import run
+
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose([*WORKLOAD, f"fed.rounds={rounds}", f"fed.eval_every={rounds + 1}"])
+        cfg = compose(workload(regime, rounds, threads))
         with open_dict(cfg):
             cfg.run_dir = tmp
         run(cfg)
-        import csv
-
         with open(f"{tmp}/metrics.csv") as f:
             return [float(r["time/round_s"]) for r in csv.DictReader(f)]
 
 
-def plain_round_seconds(rounds: int) -> list[float]:
+def plain_round_seconds(regime: str, rounds: int, threads: int) -> list[float]:
     """The loop a researcher would write by hand: no compression, no bytes, no logging."""
-    dm = FederatedDataModule("fmnist", num_clients=100, partition="iid", seed=0)
+    from fedbat.datamodules import FederatedDataModule
+    from fedbat.models import build
+
+    torch.set_num_threads(threads)
+    num_clients, per_round = REGIMES[regime]
+    dm = FederatedDataModule("fmnist", num_clients=num_clients, partition="iid", seed=0)
     dm.setup()
     x, y = dm.data.x_train, dm.data.y_train
     torch.manual_seed(0)
@@ -62,7 +87,7 @@ def plain_round_seconds(rounds: int) -> list[float]:
     times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
-        clients = rng.choice(100, 10, replace=False)
+        clients = rng.choice(num_clients, per_round, replace=False)
         sizes = [dm.client_size(c) for c in clients]
         total = float(sum(sizes))
         avg = {
@@ -85,23 +110,57 @@ def plain_round_seconds(rounds: int) -> list[float]:
             {k: v.to(global_model.state_dict()[k].dtype) for k, v in avg.items()}
         )
         times.append(time.perf_counter() - t0)
+    global_model.eval()  # the final test evaluation every fedbat run ends with, untimed
+    with torch.no_grad():
+        correct = sum(
+            int((global_model(xb).argmax(1) == yb).sum()) for xb, yb in dm.test_batches(1024, "cpu")
+        )
+    print(f"plain test accuracy {correct / len(dm.data.y_test):.4f}", file=sys.stderr)
     return times
+
+
+def measure(kind: str, regime: str, rounds: int, threads: int) -> dict:
+    """One measurement in a fresh process: its round times and its peak RSS."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", kind, "--regime", regime,
+         "--rounds", str(rounds), "--threads", str(threads)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each run")
+    parser.add_argument("--regime", choices=[*REGIMES, "both"], default="both")
+    parser.add_argument("--worker", choices=["plain", "fedbat"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    fed, plain = [], []
-    for _ in range(args.repeats):
-        plain += plain_round_seconds(args.rounds)
-        fed += fedbat_round_seconds(args.rounds)
-    f, p = statistics.median(fed), statistics.median(plain)
-    print(f"torch threads: {torch.get_num_threads()}")
-    print(f"plain PyTorch : {p:.3f} s/round (median of {len(plain)})")
-    print(f"fedbat        : {f:.3f} s/round (median of {len(fed)})")
-    print(f"ratio fedbat/plain: {f / p:.3f}  (target <= 1.05)")
+    if args.worker:
+        fn = plain_round_seconds if args.worker == "plain" else fedbat_round_seconds
+        times = fn(args.regime, args.rounds, args.threads)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        print(json.dumps({"times": times, "rss": rss}))
+        return
+    regimes = list(REGIMES) if args.regime == "both" else [args.regime]
+    print(f"torch threads: {args.threads}; medians of rounds 2-{args.rounds} x {args.repeats}")
+    targets = {"cross-silo": 1.02, "cross-device": 1.03}
+    for regime in regimes:
+        got: dict[str, dict[str, list[float]]] = {"plain": {}, "fedbat": {}}
+        for _ in range(args.repeats):
+            for kind in got:
+                m = measure(kind, regime, args.rounds, args.threads)
+                got[kind].setdefault("times", []).extend(m["times"][1:])
+                got[kind].setdefault("rss", []).append(m["rss"])
+        p, f = (statistics.median(got[k]["times"]) for k in ("plain", "fedbat"))
+        rp, rf = (max(got[k]["rss"]) / 2**30 for k in ("plain", "fedbat"))
+        clients, per_round = REGIMES[regime]
+        print(f"{regime} ({clients} clients, {per_round} a round):")
+        print(f"  plain PyTorch : {p:.3f} s/round, peak RSS {rp:.2f} GiB")
+        print(f"  fedbat        : {f:.3f} s/round, peak RSS {rf:.2f} GiB")
+        print(f"  ratio fedbat/plain: {f / p:.3f} s/round (target <= {targets[regime]}), "
+              f"{rf / rp:.2f} RSS (target <= 1.1)")  # fmt: skip
 
 
 if __name__ == "__main__":

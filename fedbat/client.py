@@ -35,7 +35,7 @@ from fedbat.contract import (
 from fedbat.errors import ConfigError
 from fedbat.hooks import ClientHook
 from fedbat.optimization import ServerSchedule, optimization
-from fedbat.seeding import derive_seed, generator
+from fedbat.seeding import derive_seed, generator, seed_torch
 from fedbat.strategies import Strategy
 
 
@@ -133,7 +133,7 @@ def train_client(setup: ClientSetup, job: ClientJob) -> ClientResult:
     mine = job.state
     memory = Memory.of_holder(client, mine.residuals, mine.compressor) if uplink.remembers else None
     seed = derive_seed(cfg.seed, round_idx, client)
-    torch.manual_seed(seed)
+    seed_torch(seed, cfg.device)
     data_gen = torch.Generator().manual_seed(seed)
     load_model(task, held)
     task.train()

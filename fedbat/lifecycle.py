@@ -4,6 +4,8 @@ into a clean stop that says what was kept, and the checkpoint to resume from."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import signal
 from collections.abc import Iterator
@@ -124,6 +126,26 @@ def _leave_process_group(fabric: Fabric) -> None:
         torch.distributed.destroy_process_group()
 
 
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _glibc()
+
+
+def return_freed_memory() -> None:
+    """Give the heap the round freed back to the OS before an evaluation adds its own peak.
+    glibc keeps it otherwise, so a round's packets (100 fp32 cnn4 updates: 157 MB) stay in
+    the process's RSS beside the evaluation's activations. Not after every round: the next
+    round would pay the page faults of taking it back. Without glibc this does nothing."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 def _train(
     cfg: DictConfig,
     fabric: Fabric,
@@ -167,6 +189,7 @@ def _train(
             metrics = fed.play_round(r)
             last = r + 1 == f.rounds or bool(fed.stop_reason())
             if is_zero and ((r + 1) % f.eval_every == 0 or last):
+                return_freed_memory()
                 metrics |= fed.evaluate()
             fed.history.append(metrics)
             stopping = not last and stop.agreed(fabric)

@@ -261,7 +261,9 @@ MAX_COUNTER_STEP = 2**31  # integer buffers (BN's num_batches_tracked) grow by s
 
 
 def _norm(tensors: list[torch.Tensor]) -> float:
-    return math.sqrt(sum(float(t.double().square().sum()) for t in tensors))
+    """The L2 norm of all of ``tensors`` together, for a bound: in float32 and in one
+    vectorised call (a thousand clients a round pay it once each)."""
+    return float(torch.nn.utils.get_total_norm(tensors)) if tensors else 0.0
 
 
 def _check_scale(update: dict[str, torch.Tensor], bound: float) -> None:

@@ -127,7 +127,8 @@ def weighted_sum(
         for name, v in update.items():
             if name not in acc:
                 acc[name] = torch.zeros(v.shape, dtype=torch.float64)
-            acc[name] += coef(name, w) * v.to(torch.float64)
+            term = v.to(torch.float64, copy=True)  # the product below, in place
+            acc[name] += term.mul_(coef(name, w))
     return acc
 
 
