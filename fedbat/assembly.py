@@ -19,6 +19,7 @@ import torch
 from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 
+from fedbat.batchnorm import statistics_names
 from fedbat.client import ClientData, ClientSetup, LocalTraining, input_conversion
 from fedbat.clientstore import Template
 from fedbat.compressors import Compressor, TensorSpec, build_pair, wire_plan
@@ -62,6 +63,9 @@ class Components:
             uplink=self.uplink,
             schedule=self.schedule,
             strategy=self.strategy,
+            local_buffers=frozenset(
+                statistics_names(self.task) if self.cfg.fed.get("bn_stats") == "local" else ()
+            ),
         )
 
     @functools.cached_property
@@ -217,6 +221,8 @@ def build_plan(
     buffers = {n for n, _ in task.named_buffers()}
     changed = probe_training_step(task, batch) if batch is not None else buffers
     frozen = {n for n in buffers - changed if not any(fnmatch(n, t) for t in p.travel)}
+    if cfg.fed.get("bn_stats") == "local":  # they never leave the clients
+        frozen |= statistics_names(task)
     modules = module_types(p.modules)
     return wire_plan(task, p.min_numel, modules, list(p.include), list(p.exclude), frozen)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -107,6 +107,7 @@ class ClientSetup:
     uplink: Compressor
     schedule: ServerSchedule | None = None
     strategy: Strategy | None = None
+    local_buffers: frozenset[str] = frozenset()  # buffers that change but stay (fed.bn_stats)
 
 
 @dataclass(kw_only=True)
@@ -152,7 +153,7 @@ def train_client(setup: ClientSetup, job: ClientJob) -> ClientResult:
     train_loss = float(loss_sum) / max(cfg.steps(n), 1)
     state = task.state_dict()
     update = {s.name: state[s.name].detach().cpu() - held[s.name] for s in plan}
-    _check_frozen(state, held, update)
+    _check_frozen(state, held, update.keys() | setup.local_buffers)
     update |= latent
     for h in hooks:
         update = h.transform(update)
@@ -185,7 +186,7 @@ def train_client(setup: ClientSetup, job: ClientJob) -> ClientResult:
 
 
 def _check_frozen(
-    state: dict[str, torch.Tensor], held: dict[str, torch.Tensor], travel: Mapping[str, object]
+    state: dict[str, torch.Tensor], held: dict[str, torch.Tensor], travel: Collection[str]
 ) -> None:
     """Frozen tensors never travel after the first model, so one that local training changed
     would silently lose the change: that is refused, naming it."""

@@ -11,6 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from fedbat.batchnorm import RULES
 from fedbat.compressors import build_pair
 from fedbat.compressors.plan import module_types
 from fedbat.datamodules import PARTITIONERS, READERS
@@ -45,6 +46,8 @@ RESULT_FREE = (
 )
 # ... and those that change only how long it runs or what its summary reports: a resumed
 # run may change them, and a run dir is named without them
+# keys added since checkpoints were first written, and the value that behaves as before
+ADDED = {"fed.bn_stats": "average", "fed.bn_clients": 10}
 RESUME_FREE = (*RESULT_FREE, "fed.rounds", "target_acc", "monitor", "monitor_mode")
 
 
@@ -180,6 +183,8 @@ def validate(cfg: DictConfig) -> None:
     check_range("fed.weight_decay", f.weight_decay, 0.0, 1.0)
     check_range("fed.eval_every", f.eval_every, 1, BIG, integer=True)
     _choice("fed.weight_by", f.weight_by, ("samples", "batches"))
+    _choice("fed.bn_stats", f.get("bn_stats", "average"), RULES)
+    check_range("fed.bn_clients", f.get("bn_clients", 10), 1, BIG, integer=True)
     _choice("data.class_assignment", d.get("class_assignment", "random"), ("random", "authors"))
     if f.get("max_update_ratio") is not None:
         check_range("fed.max_update_ratio", f.max_update_ratio, 0.0, 1e30, low_open=True)
@@ -276,8 +281,8 @@ def check_resumable(cfg: DictConfig, saved_yaml: str, path: Path) -> None:
     for key in sorted(set(now) | set(before), key=lambda k: (not k.endswith(".name"), k)):
         if is_free(key):
             continue
-        if key not in before and now[key] == []:  # a list added since, at its empty default
-            continue
+        if key not in before and now[key] in ([], ADDED.get(key, [])):  # added since, at
+            continue  # the value that behaves as before
         if now.get(key) != before.get(key):
             raise ConfigError(
                 f"{key}={now.get(key)!r}: the checkpoint {path} was written with "

@@ -6,6 +6,7 @@ simulation."""
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -13,10 +14,12 @@ from omegaconf import OmegaConf
 from fedbat import checkpoint
 from fedbat.accounting import BitCounter
 from fedbat.assembly import Components
+from fedbat.batchnorm import batch_statistics, proxy_batches, recompute, statistics_names
 from fedbat.buffered import Buffered
 from fedbat.client import ClientJob, ClientResult, input_conversion, train_client
 from fedbat.clientstate import ClientState
 from fedbat.clientstore import ClientStore
+from fedbat.compressors.plan import load_model
 from fedbat.contract import evaluate, evaluation_plan
 from fedbat.devices import Clock, build_devices, clock_enabled
 from fedbat.downlink import Delivery, Downlink, encode_full
@@ -69,6 +72,7 @@ class Federation:
         self.resets = 0  # the round's clients whose stored state was damaged
         self.history: list[dict[str, float]] = []
         self.monitor = str(cfg.get("monitor", "auto"))  # 'auto': resolved at the first evaluation
+        self.bn_stats = str(f.get("bn_stats", "average"))
 
     def play_round(self, r: int) -> dict[str, float]:
         """Sample, send each client what it missed, train, aggregate, broadcast, count."""
@@ -78,6 +82,8 @@ class Federation:
         clients, sent_down, results, versions, timed = play(r)
         t_trained = time.perf_counter()
         agg = self.server.aggregate(results, clients, r, versions)
+        if self.bn_stats == "recompute":  # before the broadcast, which carries them
+            self._recompute_statistics()
         lr = self.schedule.lr
         self.schedule.end_round(
             max((self.local.steps(self.dm.client_size(c)) for c in clients), default=0)
@@ -226,6 +232,15 @@ class Federation:
         res.reset = self.store.take_resets().get(client, "")
         return res
 
+    def _recompute_statistics(self) -> None:
+        """``fed.bn_stats=recompute`` (``fedbat/batchnorm.py``), identically on every rank."""
+        f, convert = self.cfg.fed, input_conversion(self.fabric)
+        batches = proxy_batches(self.dm, f.bn_clients, f.batch_size, self.cfg.seed, self.fabric)
+        load_model(self.task, self.server.global_state())
+        recompute(self.task, map(convert, batches))
+        names = statistics_names(self.task)
+        self.server.set_buffers({k: v for k, v in self.task.state_dict().items() if k in names})
+
     def evaluate(self) -> dict[str, float]:
         """The global model's validation then test metrics; ``monitor=auto`` becomes the
         first key its validation logged, else its first test key."""
@@ -237,8 +252,10 @@ class Federation:
             self.task, val(1024, device) if val else None, self.dm.test_batches(1024, device)
         )
         convert = input_conversion(self.fabric)
+        local = self.bn_stats == "local"  # the server holds no statistics: each batch's own
         for stage, batches in plan:
-            logged = evaluate(self.task, stage, map(convert, batches))
+            with batch_statistics(self.task) if local else nullcontext():
+                logged = evaluate(self.task, stage, map(convert, batches))
             if self.monitor == "auto" and logged:
                 self.monitor = next(iter(logged))
             out |= logged

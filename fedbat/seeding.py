@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 DOWNLINK = -1  # the "who" of the server's downlink draws
+BN_PROXY = -2  # the "who" of the draw of fed.bn_stats=recompute's proxy clients
 
 
 def derive_seed(*parts: int) -> int:

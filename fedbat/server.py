@@ -103,6 +103,14 @@ class Server:
     def global_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
+    @torch.no_grad()
+    def set_buffers(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Replace some of the global model's buffers (BatchNorm statistics the server
+        re-estimated); the next broadcast carries the change."""
+        buffers = dict(self.model.named_buffers())
+        for name, value in values.items():
+            buffers[name].copy_(value)
+
     def aggregate(
         self,
         results: list[ClientResult],

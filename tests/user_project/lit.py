@@ -186,3 +186,13 @@ class DocsClassifier(LitClassifier):
         self.tested += 1
         self.test_acc(self(batch["image"]), batch["label"])
         self.log("test_acc", self.test_acc)
+
+
+class BatchNormClassifier(LitClassifier):
+    """LitClassifier with a BatchNorm layer: running statistics that a step moves."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10)
+        )
