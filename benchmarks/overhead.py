@@ -129,6 +129,60 @@ def measure(kind: str, regime: str, rounds: int, threads: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+PHASES = [  # (phase, function, called from): cumulative times under cProfile
+    ("local steps (forward, backward, optimizer)", "client.py:_local_epochs", None),
+    ("  of which Lightning hooks", "contract.py:call_hook", None),
+    ("load the model a client holds", "plan.py:load_model", "client.py:train_client"),
+    ("encode the update", "update.py:encode_fields", "client.py:train_client"),
+    ("pack the packet", "packet.py:pack", "client.py:train_client"),
+    ("client, all of it", "client.py:train_client", None),
+    ("server: validate (decode, check)", "update.py:decode_update", "server.py:aggregate"),
+    ("server: combine (decode again, sum)", "base.py:combine", None),
+    ("server: aggregate, all of it", "server.py:aggregate", None),
+    ("server: broadcast", "server.py:broadcast", None),
+    ("round, all of it", "federation.py:play_round", None),
+]
+
+
+def profile(threads: int) -> None:
+    """Where one cross-device round's time goes, per client, under cProfile (which slows
+    Python more than kernels: read the split, not the total)."""
+    import cProfile
+    import pstats
+
+    import fedbat.federation as federation
+
+    pr, play = cProfile.Profile(), federation.Federation.play_round
+
+    def profiled(self: federation.Federation, r: int) -> dict:
+        if r != 1:  # the second round: nothing left to warm up
+            return play(self, r)
+        pr.enable()
+        try:
+            return play(self, r)
+        finally:
+            pr.disable()
+
+    federation.Federation.play_round = profiled  # type: ignore[method-assign]
+    fedbat_round_seconds("cross-device", 2, threads)
+    stats = pstats.Stats(pr).stats  # type: ignore[attr-defined]
+
+    def cum(where: str, caller: str | None) -> float:
+        file, func = where.split(":")
+        for (path, _, name), (_, _, _, ct, callers) in stats.items():
+            if path.endswith(file) and name == func:
+                if caller is None:
+                    return ct
+                cf, cn = caller.split(":")
+                return sum(v[3] for (p, _, n), v in callers.items() if p.endswith(cf) and n == cn)
+        return 0.0
+
+    per_round = REGIMES["cross-device"][1]
+    print(f"one cross-device round under cProfile, ms per client ({per_round} clients):")
+    for phase, where, caller in PHASES:
+        print(f"  {phase:<46}{1e3 * cum(where, caller) / per_round:>8.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=4)
@@ -136,7 +190,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each run")
     parser.add_argument("--regime", choices=[*REGIMES, "both"], default="both")
     parser.add_argument("--worker", choices=["plain", "fedbat"], help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help="one cross-device round, by phase")
     args = parser.parse_args()
+    if args.profile:
+        return profile(args.threads)
     if args.worker:
         fn = plain_round_seconds if args.worker == "plain" else fedbat_round_seconds
         times = fn(args.regime, args.rounds, args.threads)

@@ -16,6 +16,7 @@ accuracy first reached ``--target``, and the median virtual round time.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -41,6 +42,47 @@ CONFIGS = {
 }
 ROUNDS = {"strategy=fedbuff": 2}  # a buffer of 5: twice the rounds for as many client updates
 
+# --scenario mobile: Dirichlet 0.3 clients on phone-like devices that come and go
+MOBILE = [
+    "data.partition=dirichlet", "data.alpha=0.3",
+    "network.uplink_mbps=1", "network.downlink_mbps=10", "network.latency_ms=50",
+    "network.spread=1.0", "system.compute_s_per_sample=0.0136", "system.compute_spread=0.6",
+]  # fmt: skip
+DEADLINE_S = 30
+UPLINKS = {
+    "fp32": ["compressor=none"],
+    "fedbat": ["compressor=fedbat"],
+    "eden b=1": ["compressor=eden", "compressor.bits=1"],
+    "qsgd s=1": ["compressor=qsgd", "compressor.levels=1"],
+    "topk 1.55%": ["compressor=topk", "compressor.ratio=0.0155"],
+}
+POLICIES = {
+    f"deadline {DEADLINE_S} s": [f"system.deadline_s={DEADLINE_S}"],
+    "fedbuff": ["strategy=fedbuff"],
+}
+MOBILE_CONFIGS = {
+    f"{up}, {policy}": [*u, *p] for policy, p in POLICIES.items() for up, u in UPLINKS.items()
+}
+
+
+def availability(path: Path, clients: int, seed: int = 0, horizon_s: float = 2e5) -> Path:
+    """Intermittent devices: each client alternates online and offline spells, exponential
+    with means of 10 and 5 minutes, from a random phase (written once, seeded)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = ["client,start_s,end_s"]
+    for c in range(clients):
+        t = -rng.exponential(600.0) if rng.random() < 2 / 3 else rng.exponential(300.0)
+        while t < horizon_s:
+            end = t + rng.exponential(600.0)
+            if end > 0:
+                rows.append(f"{c},{max(t, 0.0):.3f},{end:.3f}")
+            t = end + rng.exponential(300.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -49,27 +91,39 @@ def main() -> None:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/time_to_accuracy"))
     p.add_argument("--only", default="", help="run the configurations whose name has this")
+    p.add_argument("--scenario", choices=["uniform", "mobile"], default="uniform")
+    p.add_argument("--plot", type=Path, help="draw accuracy against virtual time here")
     args = p.parse_args()
-    print("| configuration | final acc | round to target | virtual s to target | "
-          "uplink bits to target | median virtual s/round | wall s |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
-    for name, overrides in CONFIGS.items():
+    curves: dict[str, list[dict]] = {}
+    configs, devices = CONFIGS, DEVICES
+    if args.scenario == "mobile":
+        args.out = args.out.with_name(args.out.name + "_mobile")
+        online = availability(args.out / "availability.csv", 100)
+        configs, devices = MOBILE_CONFIGS, [*MOBILE, f"system.availability={online}"]
+    print("| configuration | final acc | round to target | virtual s to target | uplink bits "
+          "to target | median virtual s/round | lost clients/round | wall s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for name, overrides in configs.items():
         if args.only not in name:
             continue
         rounds = args.rounds * max(ROUNDS.get(o, 1) for o in overrides)
         cfg = compose([
             "data=fmnist", "model=cnn4", "fed.local_epochs=1", "data.num_clients=100",
             f"fed.rounds={rounds}", f"target_acc={args.target}", "progress=false",
-            "compressor.downlink=none", *DEVICES, *overrides,
+            "compressor.downlink=none", *devices, *overrides,
             *([f"trainer.threads={args.threads}"] if args.threads else []),
         ])  # fmt: skip
         run_dir = args.out / "".join(ch if ch.isalnum() else "-" for ch in name)
         with open_dict(cfg):
             cfg.run_dir = str(run_dir)
-        t0 = time.perf_counter()
-        summary = run(cfg)
-        wall = time.perf_counter() - t0
+        t0, done = time.perf_counter(), run_dir / "summary.json"
+        if done.exists():  # recorded: read, not run again
+            summary, wall = json.loads(done.read_text()), "-"
+        else:
+            summary = run(cfg)
+            wall = f"{time.perf_counter() - t0:.0f}"
         rows = read_metrics(run_dir)
+        curves[name] = rows
         hit = next((r for r in rows if r.get("test/acc", 0.0) >= args.target), None)
         reached = (
             f"{int(hit['round'])} | {hit['sim/clock_s']:.0f} | {hit['bits/uplink_cum']:.3g}"
@@ -77,8 +131,32 @@ def main() -> None:
             else "not reached | - | -"
         )
         median = statistics.median(r["sim/round_s"] for r in rows)
-        print(f"| {name} | {summary['final_acc']:.4f} | {reached} | {median:.1f} | {wall:.0f} |",
-              flush=True)  # fmt: skip
+        lost = statistics.mean(r.get("clients/dropped", 0) + r.get("clients/late", 0) for r in rows)
+        print(f"| {name} | {summary['final_acc']:.4f} | {reached} | {median:.1f} | {lost:.1f} "
+              f"| {wall} |", flush=True)  # fmt: skip
+    if args.plot:
+        plot(curves, args.target, args.plot)
+
+
+def plot(curves: dict[str, list[dict]], target: float, path: Path) -> None:
+    """Test accuracy against the virtual clock, one line per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, rows in curves.items():
+        rows = [r for r in rows if "test/acc" in r]
+        style = "--" if "fedbuff" in name else "-"
+        ax.plot([r["sim/clock_s"] / 60 for r in rows], [r["test/acc"] for r in rows], style,
+                label=name)  # fmt: skip
+    ax.axhline(target, color="grey", lw=0.8)
+    ax.set(xlabel="virtual time (min)", ylabel="test accuracy", ylim=(0.3, 0.9))
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

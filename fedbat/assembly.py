@@ -246,8 +246,9 @@ def describe_plan(plan: list[TensorSpec], task: torch.nn.Module) -> str | None:
     return (
         f"fedbat: {len(plan)} tensors travel ({moving:,} elements, "
         f"{sum(s.compressed for s in plan)} compressed); {len(frozen)} frozen stay "
-        f"({sum(s.numel for s in frozen):,} elements: requires_grad=False, or buffers a "
-        "training step leaves alone; sent once, in the model a client first receives)"
+        f"({sum(s.numel for s in frozen):,} elements: requires_grad=False, buffers a "
+        "training step leaves alone, or statistics fed.bn_stats=local keeps; sent once, in "
+        "the model a client first receives)"
     )
 
 

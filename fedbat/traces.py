@@ -1,6 +1,6 @@
 """Device traces from files: one profile per client (``system.trace``) and online
-intervals (``system.availability``), as CSV, every row checked (one line naming the file, the
-line and the value)."""
+intervals (``system.availability``), as CSV or Parquet, every row checked (one line naming
+the file, the line or row, and the value)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class Profile:
         return computed + self.latency_s + bits / self.uplink_bps
 
 
-def _number(path: Path, line: int, column: str, text: str, low: float, open_low: bool) -> float:
+def _number(path: Path, line: str, column: str, text: str, low: float, open_low: bool) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -53,38 +53,66 @@ def _number(path: Path, line: int, column: str, text: str, low: float, open_low:
 
 def _rows(
     path: Path, columns: tuple[str, ...], num_clients: int
-) -> Iterator[tuple[int, int, list[str]]]:
-    """(line, client, values) of a CSV with exactly ``columns``, clients in [0, num_clients)."""
+) -> Iterator[tuple[str, int, list[str]]]:
+    """(where, client, values) of a table with exactly ``columns``, clients in
+    [0, num_clients); ``where`` is a CSV's line number or a Parquet file's ``row N``."""
+    table = _parquet(path, columns) if path.suffix == ".parquet" else _csv(path, columns)
+    for where, row in table:
+        if len(row) != len(columns):
+            raise ConfigError(f"{path}:{where}: {len(row)} values; must be {len(columns)}")
+        try:
+            client = int(row[0])
+        except ValueError:
+            client = -1
+        if not 0 <= client < num_clients:
+            raise ConfigError(
+                f"{path}:{where}: client={row[0]!r}: must be an integer in [0, {num_clients})"
+            )
+        yield where, client, [c.strip() for c in row[1:]]
+
+
+def _header(path: Path, header: list[str], columns: tuple[str, ...]) -> None:
+    if tuple(header) != columns:
+        raise ConfigError(
+            f"{path}: the header is {','.join(header)!r}; must be {','.join(columns)}"
+        )
+
+
+def _csv(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[str, list[str]]]:
     try:
         f = open(path, newline="")  # noqa: SIM115  (closed below)
     except OSError as err:
         raise ConfigError(f"{path}: cannot read it ({err.strerror})") from None
     with f:
         reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
-        if tuple(header) != columns:
-            raise ConfigError(
-                f"{path}: the header is {','.join(header)!r}; must be {','.join(columns)}"
-            )
+        _header(path, [h.strip() for h in next(reader, [])], columns)
         for line, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) != len(columns):
-                raise ConfigError(f"{path}:{line}: {len(row)} values; must be {len(columns)}")
-            try:
-                client = int(row[0])
-            except ValueError:
-                client = -1
-            if not 0 <= client < num_clients:
-                raise ConfigError(
-                    f"{path}:{line}: client={row[0]!r}: must be an integer in [0, {num_clients})"
-                )
-            yield line, client, [c.strip() for c in row[1:]]
+            if row:
+                yield str(line), row
+
+
+def _parquet(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[str, list[str]]]:
+    """A Parquet table's rows as text, checked as a CSV's are (pyarrow, the ``parquet``
+    extra)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError(
+            f"{path}: reading Parquet needs pyarrow: pip install 'fedbat[parquet]'"
+        ) from None
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise ConfigError(f"{path}: not a readable Parquet file ({str(err)[:160]})") from None
+    _header(path, list(table.column_names), columns)
+    values = [table.column(c).to_pylist() for c in columns]
+    for i, row in enumerate(zip(*values, strict=True), start=1):
+        yield f"row {i}", [str(v) for v in row]
 
 
 def read_trace(path: Path, num_clients: int) -> list[Profile]:
-    """One profile per client from a CSV ``client,compute_s_per_sample,uplink_mbps,
-    downlink_mbps,latency_ms``, which must list every client once."""
+    """One profile per client from a CSV or Parquet table ``client,compute_s_per_sample,
+    uplink_mbps,downlink_mbps,latency_ms``, which must list every client once."""
     profiles: dict[int, Profile] = {}
     for line, client, (compute, up, down, latency) in _rows(path, TRACE_COLUMNS, num_clients):
         if client in profiles:

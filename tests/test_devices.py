@@ -205,6 +205,37 @@ def test_a_bad_trace_is_one_line_and_exit_2(tmp_path, capsys, name, text, needle
     assert not run_dir.exists()
 
 
+def test_parquet_tables_read_as_their_csv_and_are_checked_alike(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fedbat.traces import read_availability, read_trace
+
+    trace = {"client": [1, 0], "compute_s_per_sample": [0.2, 0.01], "uplink_mbps": [1.0, 2.5],
+             "downlink_mbps": [10.0, 20.0], "latency_ms": [5.0, 0.0]}  # fmt: skip
+    online = {"client": [0, 0, 1], "start_s": [5.0, 0.0, 3.0], "end_s": [9.0, 6.0, math.inf]}
+    pq.write_table(pa.table(trace), tmp_path / "trace.parquet")
+    pq.write_table(pa.table(online), tmp_path / "online.parquet")
+    rows_of = [",".join(str(trace[k][i]) for k in trace) for i in range(2)]
+    csv_trace = write_csv(tmp_path / "trace.csv", ",".join(trace), rows_of)
+    assert read_trace(tmp_path / "trace.parquet", 2) == read_trace(csv_trace, 2)
+    assert read_trace(csv_trace, 2)[1].uplink_bps == 1e6  # client 1's row, by hand
+    assert read_availability(tmp_path / "online.parquet", 2) == {
+        0: [(0.0, 9.0)],
+        1: [(3.0, math.inf)],
+    }
+    bad = dict(trace, uplink_mbps=[1.0, -2.0])
+    pq.write_table(pa.table(bad), tmp_path / "bad.parquet")
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 not really")
+    for name, needle in [("bad.parquet", ":row 2: uplink_mbps='-2.0': must be a finite number > 0"),
+                         ("junk.parquet", "not a readable Parquet file")]:  # fmt: skip
+        code = main(["train", f"hydra.run.dir={tmp_path / 'r'}", f"system.trace={tmp_path / name}",
+                     "data.num_clients=2", "fed.clients_per_round=2"])  # fmt: skip
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and needle in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "r").exists()
+
+
 def test_a_round_policy_without_a_clock_is_refused(tmp_path, capsys):
     code = main(["train", f"hydra.run.dir={tmp_path / 'r'}", "system.deadline_s=10"])
     err = capsys.readouterr().err.strip()
