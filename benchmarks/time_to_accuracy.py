@@ -95,6 +95,7 @@ def main() -> None:
     p.add_argument("--plot", type=Path, help="draw accuracy against virtual time here")
     args = p.parse_args()
     curves: dict[str, list[dict]] = {}
+    split_inputs: dict[str, tuple] = {}
     configs, devices = CONFIGS, DEVICES
     if args.scenario == "mobile":
         args.out = args.out.with_name(args.out.name + "_mobile")
@@ -123,7 +124,7 @@ def main() -> None:
             summary = run(cfg)
             wall = f"{time.perf_counter() - t0:.0f}"
         rows = read_metrics(run_dir)
-        curves[name] = rows
+        curves[name], split_inputs[name] = rows, (cfg, rows)
         hit = next((r for r in rows if r.get("test/acc", 0.0) >= args.target), None)
         reached = (
             f"{int(hit['round'])} | {hit['sim/clock_s']:.0f} | {hit['bits/uplink_cum']:.3g}"
@@ -134,8 +135,38 @@ def main() -> None:
         lost = statistics.mean(r.get("clients/dropped", 0) + r.get("clients/late", 0) for r in rows)
         print(f"| {name} | {summary['final_acc']:.4f} | {reached} | {median:.1f} | {lost:.1f} "
               f"| {wall} |", flush=True)  # fmt: skip
+    print("\n| configuration | median download s | median compute s | median upload s |")
+    print("|---|---|---|---|")
+    for name, (cfg, rows) in split_inputs.items():
+        d, c, u = phases(cfg, rows)
+        print(f"| {name} | {d:.2f} | {c:.2f} | {u:.2f} |")
     if args.plot:
         plot(curves, args.target, args.plot)
+
+
+def phases(cfg, rows: list[dict]) -> tuple[float, float, float]:
+    """Median over the clients of the seconds a client spends downloading, computing and
+    uploading in one round, from its device and the run's real packet sizes (round 1)."""
+    from fedbat.assembly import build_datamodule
+    from fedbat.devices import build_devices
+
+    first = rows[0]
+    contacted = first.get("clients/started") or sum(
+        first.get(k, 0) for k in ("clients/accepted", "clients/late", "clients/dropped")
+    )
+    down = first["bits/downlink"] / contacted
+    up = first["bits/uplink"] / max(first["clients/accepted"], 1)
+    dm, devices = build_datamodule(cfg), build_devices(cfg, cfg.data.num_clients)
+    split = [[], [], []]
+    for c in range(cfg.data.num_clients):
+        p = devices.profile(c)
+        received = p.received(0.0, int(down))
+        computed = p.computed(received, cfg.fed.local_epochs * dm.client_size(c))
+        for i, (a, b) in enumerate(
+            [(0.0, received), (received, computed), (computed, p.uploaded(computed, int(up)))]
+        ):
+            split[i].append(b - a)
+    return tuple(statistics.median(v) for v in split)  # type: ignore[return-value]
 
 
 def plot(curves: dict[str, list[dict]], target: float, path: Path) -> None:

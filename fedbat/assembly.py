@@ -19,7 +19,7 @@ import torch
 from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 
-from fedbat.batchnorm import statistics_names
+from fedbat.batchnorm import local_statistics
 from fedbat.client import ClientData, ClientSetup, LocalTraining, input_conversion
 from fedbat.clientstore import Template
 from fedbat.compressors import Compressor, TensorSpec, build_pair, wire_plan
@@ -63,9 +63,7 @@ class Components:
             uplink=self.uplink,
             schedule=self.schedule,
             strategy=self.strategy,
-            local_buffers=frozenset(
-                statistics_names(self.task) if self.cfg.fed.get("bn_stats") == "local" else ()
-            ),
+            local_buffers=frozenset(local_statistics(self.cfg, self.task)),
         )
 
     @functools.cached_property
@@ -221,8 +219,7 @@ def build_plan(
     buffers = {n for n, _ in task.named_buffers()}
     changed = probe_training_step(task, batch) if batch is not None else buffers
     frozen = {n for n in buffers - changed if not any(fnmatch(n, t) for t in p.travel)}
-    if cfg.fed.get("bn_stats") == "local":  # they never leave the clients
-        frozen |= statistics_names(task)
+    frozen |= local_statistics(cfg, task)  # they never leave the clients
     modules = module_types(p.modules)
     return wire_plan(task, p.min_numel, modules, list(p.include), list(p.exclude), frozen)
 
@@ -246,9 +243,8 @@ def describe_plan(plan: list[TensorSpec], task: torch.nn.Module) -> str | None:
     return (
         f"fedbat: {len(plan)} tensors travel ({moving:,} elements, "
         f"{sum(s.compressed for s in plan)} compressed); {len(frozen)} frozen stay "
-        f"({sum(s.numel for s in frozen):,} elements: requires_grad=False, buffers a "
-        "training step leaves alone, or statistics fed.bn_stats=local keeps; sent once, in "
-        "the model a client first receives)"
+        f"({sum(s.numel for s in frozen):,} elements: requires_grad=False, buffers a step "
+        "leaves alone, or fed.bn_stats=local; sent once, in the model a client first gets)"
     )
 
 

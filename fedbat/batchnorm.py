@@ -48,6 +48,11 @@ def statistics_names(model: nn.Module) -> set[str]:
     return {f"{name}.{s}" if name else s for name, _ in _tracking(model) for s in STATISTICS}
 
 
+def local_statistics(cfg: Any, model: nn.Module) -> set[str]:
+    """The statistics that stay on the clients: all of them under ``fed.bn_stats=local``."""
+    return statistics_names(model) if cfg.fed.get("bn_stats") == "local" else set()
+
+
 @contextmanager
 def batch_statistics(model: nn.Module) -> Iterator[None]:
     """Inside, every BatchNorm layer normalises with the statistics of the batch it is given,

@@ -40,7 +40,10 @@ FRESH_BAD = [
     (["compressor.error_feedback=maybe"], "compressor.error_feedback='maybe': must be true"),
     (["model=cnn4"], "model.name='cnn4': does not take the dataset's inputs of shape (1, 8, 8)"),
     (["data=imagenet"], "data=imagenet: unknown data option; available: cifar10, cifar100"),
-    (["+fed.roundz=3"], "fed.roundz=3: no such key; fed has: batch_size, clients_per_round"),
+    (
+        ["+fed.roundz=3"],
+        "fed.roundz=3: no such key; fed has: batch_size, bn_clients, bn_stats, clients_per_round",
+    ),
     (["+foo=1"], "foo=1: no such key; the config has: checkpoint, compressor"),
     (["network.latency_ms=nan"], "network.latency_ms=nan: must be a number"),
     (["policy.modules=Linear"], "policy.modules='Linear': must be a list, e.g. policy.modules="),

@@ -38,6 +38,7 @@ LAYERS = [
             "fedbat.network",
             "fedbat.traces",
             "fedbat.devices",
+            "fedbat.batchnorm",
         ],
     ),
     ("settings", ["fedbat.config", "fedbat.results"]),
