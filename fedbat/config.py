@@ -46,9 +46,9 @@ RESULT_FREE = (
 )
 # ... and those that change only how long it runs or what its summary reports: a resumed
 # run may change them, and a run dir is named without them
+RESUME_FREE = (*RESULT_FREE, "fed.rounds", "target_acc", "monitor", "monitor_mode")
 # keys added since checkpoints were first written, and the value that behaves as before
 ADDED = {"fed.bn_stats": "average", "fed.bn_clients": 10}
-RESUME_FREE = (*RESULT_FREE, "fed.rounds", "target_acc", "monitor", "monitor_mode")
 
 
 def is_free(key: str, free: tuple[str, ...] = RESUME_FREE) -> bool:
