@@ -269,9 +269,13 @@ MAX_COUNTER_STEP = 2**31  # integer buffers (BN's num_batches_tracked) grow by s
 
 
 def _norm(tensors: list[torch.Tensor]) -> float:
-    """The L2 norm of all of ``tensors`` together, for a bound: in float32 and in one
-    vectorised call (a thousand clients a round pay it once each)."""
-    return float(torch.nn.utils.get_total_norm(tensors)) if tensors else 0.0
+    """The L2 norm of all of ``tensors`` together, accumulated in float64 (a half-precision
+    update's norm would overflow its own dtype past 65504, and float32 sums drift by 1e-3 over
+    a million elements) without a float64 copy of any tensor."""
+    if not tensors:
+        return 0.0
+    norms = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors])
+    return float(torch.linalg.vector_norm(norms))
 
 
 def _check_scale(update: dict[str, torch.Tensor], bound: float) -> None:

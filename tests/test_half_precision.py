@@ -100,3 +100,14 @@ def test_bf16_true_trains_a_bf16_model_at_half_the_bits(tmp_path):
     # every float travels in 2 bytes instead of 4: the payload halves, the header stays
     ratio = int(half[-1]["bits/uplink"]) / int(full[-1]["bits/uplink"])
     assert 0.5 < ratio < 0.52, ratio
+
+
+def test_a_half_update_beyond_its_dtypes_range_in_norm_is_measured_not_overflowed():
+    """The update-norm bound is taken in float32: a float16 update of a million 100s has
+    norm 1e5, past float16's 65504, and is within a bound of 1e6 (by hand: sqrt(1e6) * 100)."""
+    from fedbat.server import _check_scale
+
+    big = {"w": torch.full((10**6,), 100.0, dtype=torch.float16)}
+    _check_scale(big, 1e6)  # accepted
+    with pytest.raises(PacketError, match="update norm 1e\\+05 exceeds the bound 9e\\+04"):
+        _check_scale(big, 9e4)
