@@ -64,10 +64,16 @@ def fit(tmp_path, rule: str):
     return initial, checkpoint.load(tmp_path / "checkpoint.pt")["server"]["global"], rows
 
 
-def test_local_statistics_never_travel_and_the_server_keeps_none(tmp_path):
+@pytest.fixture(scope="module")
+def averaged(tmp_path_factory):
+    """The same run with the default rule, once for the module."""
+    return fit(tmp_path_factory.mktemp("average"), "average")
+
+
+def test_local_statistics_never_travel_and_the_server_keeps_none(tmp_path, averaged):
     assert sorted(statistics_names(BatchNormClassifier())) == sorted(STATS)
     initial, final, rows = fit(tmp_path / "local", "local")
-    _, averaged, base = fit(tmp_path / "average", "average")
+    _, averaged, base = averaged
     for name in STATS:  # the server's copy is the initial one: nothing came back
         assert torch.equal(final[name], initial[name]), name
         assert not torch.equal(averaged[name], initial[name]) or "num_batches" in name
@@ -77,9 +83,9 @@ def test_local_statistics_never_travel_and_the_server_keeps_none(tmp_path):
     assert float(rows[-1]["val_acc"]) > 0.3  # evaluated with batch statistics, and learning
 
 
-def test_recompute_sets_the_servers_statistics_from_the_proxy_clients(tmp_path):
+def test_recompute_sets_the_servers_statistics_from_the_proxy_clients(tmp_path, averaged):
     _, final, _ = fit(tmp_path / "re", "recompute")
-    _, averaged, _ = fit(tmp_path / "average", "average")
+    _, averaged, _ = averaged
     # by hand: the proxy is all 4 clients (fed.bn_clients=10 > 4), in the order drawn
     data = from_datamodule(DigitsDataModule(), num_clients=4)
     batches = [b["image"] for b in proxy_batches(data, 10, 32, 0, _Cpu())]
@@ -102,9 +108,10 @@ class _Cpu:
 
 
 @pytest.mark.parametrize("value", ["mean", "", "None"])
-def test_a_bad_rule_is_one_line(tmp_path, value):
-    from tests.helpers import fedbat_cli
+def test_a_bad_rule_is_one_line(tmp_path, capsys, value):
+    from fedbat.cli import main
 
-    out = fedbat_cli("train", f"fed.bn_stats={value}", f"hydra.run.dir={tmp_path}/r", cwd=tmp_path)
-    assert out.returncode == 2 and not (tmp_path / "r").exists()
-    assert "fed.bn_stats" in out.stderr and "average" in out.stderr
+    code = main(["train", f"fed.bn_stats={value}", f"hydra.run.dir={tmp_path}/r"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and not (tmp_path / "r").exists() and len(err.splitlines()) == 1, err
+    assert "fed.bn_stats" in err and "average" in err
