@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import Counter
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +27,7 @@ from fedbat.compressors.plan import frozen_specs
 from fedbat.compressors.update import SharedSeed
 from fedbat.downlink import apply_broadcast
 from fedbat.errors import PacketError
+from fedbat.intake import Candidate, Checked, Invalid, Reader, norm
 from fedbat.seeding import DOWNLINK, generator
 from fedbat.strategies import Strategy
 from fedbat.strategies import build as build_strategy
@@ -41,23 +42,6 @@ class Aggregate:
     train_loss: float = float("nan")
     stats: dict[str, float] = field(default_factory=dict)
     logs: dict[str, float] = field(default_factory=dict)  # self.log of training_step
-
-
-class Decoded(Sequence):
-    """A round's accepted packets as updates, each decoded when indexed: with a thousand
-    clients a round, their decoded fp32 updates would be a thousand models in memory."""
-
-    def __init__(
-        self, packets: list[tuple[bytes, SharedSeed]], plan: list[TensorSpec], uplink: Compressor
-    ) -> None:
-        self.packets, self.plan, self.uplink = packets, plan, uplink
-
-    def __len__(self) -> int:
-        return len(self.packets)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        data, shared = self.packets[i]
-        return decode_update(data, self.plan, self.uplink, shared=shared)[0]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,52 +102,46 @@ class Server:
         round_idx: int = 0,
         versions: Mapping[int, int] | None = None,
     ) -> Aggregate:
-        """Decode and validate every packet of round ``round_idx`` in client-id order; apply
-        the strategy's combination, for which the accepted packets are decoded again, one at
-        a time. ``versions``: the round each client trained in, when older (buffered rounds):
-        its shared randomness is that round's, its staleness the difference.
+        """Apply the strategy's combination of the valid packets of round ``round_idx``, in
+        client-id order, each read (decoded, checked) as the combination reads it
+        (``fedbat/intake.py``). ``versions``: the round each client trained in, when older
+        (buffered rounds): its shared randomness is that round's, its staleness the difference.
 
         Only the round's ``sampled`` clients count, each at most once: a result for another
         client, or several for one (a replay), is rejected, all of that client's."""
         versions = versions or {}
         out = Aggregate()
-        packets, weights, losses = [], [], []
-        bound = self._update_norm_bound()
+        candidates = []
         count = Counter(res.client for res in results)
         for res in sorted(results, key=lambda r: r.client):
             if res.client not in sampled:
                 out.rejected[res.client] = "not sampled in this round"
-                continue
-            if count[res.client] > 1:
+            elif count[res.client] > 1:
                 out.rejected[res.client] = f"{count[res.client]} results in one round (a replay)"
-                continue
-            if not res.ok:
+            elif not res.ok:
                 out.rejected[res.client] = res.failure
-                continue
-            trained_in = versions.get(res.client, round_idx)
-            shared = SharedSeed(self.seed, trained_in, res.client)
-            try:
-                plan, learned = self.packet_plan, self.learned
-                update, stats = decode_update(res.data, plan, self.uplink, learned, shared)
-                _check_scale(update, bound)
-            except PacketError as err:
-                out.rejected[res.client] = str(err)
-                continue
-            out.accepted.append(res.client)
-            packets.append((res.data, shared))
-            staleness = round_idx - trained_in
-            weights.append(self.strategy.weight(self.weight(res.num_samples), staleness))
-            losses.append(res.train_loss)
-            for k, v in stats.items():
-                out.stats[k] = out.stats.get(k, 0.0) + v
-        if not packets:
+            else:
+                trained_in = versions.get(res.client, round_idx)
+                weight = self.strategy.weight(self.weight(res.num_samples), round_idx - trained_in)
+                shared = SharedSeed(self.seed, trained_in, res.client)
+                candidates.append(Candidate(res.client, res.data, shared, weight, res.train_loss))
+        if not candidates:
             return out
-        total = float(sum(weights))
-        out.train_loss = sum(w * loss for w, loss in zip(weights, losses, strict=True)) / total
-        out.stats = {k: v / len(packets) for k, v in out.stats.items()}
-        out.logs = _weighted_logs([r for r in results if r.client in out.accepted])
         before = self.global_state(), copy.deepcopy(self.strategy.state_dict())
-        self._apply(self.strategy.combine(Decoded(packets, self.packet_plan, self.uplink), weights))
+        reader = Reader(self.packet_plan, self.uplink, self.learned, self._update_norm_bound())
+        mean, checked = self._combine(candidates, reader, out.rejected, before[1])
+        valid = checked.candidates
+        if not valid:
+            return out
+        out.accepted = [c.client for c in valid]
+        total = float(sum(c.weight for c in valid))
+        out.train_loss = sum(c.weight * c.train_loss for c in valid) / total
+        for i in range(len(valid)):
+            for k, v in checked.stats[i].items():
+                out.stats[k] = out.stats.get(k, 0.0) + v
+        out.stats = {k: v / len(valid) for k, v in out.stats.items()}
+        out.logs = _weighted_logs([r for r in results if r.client in out.accepted])
+        self._apply(mean)
         out.logs |= self.strategy.metrics()
         after = [*self.model.state_dict().values(), *_tensors(self.strategy.state_dict())]
         if not all(all_finite(v.float()) for v in after):
@@ -173,6 +151,33 @@ class Server:
             out.rejected |= dict.fromkeys(out.accepted, "the aggregate overflowed")
             out.accepted = []
         return out
+
+    def _combine(
+        self, candidates: list[Candidate], reader: Reader, rejected: dict[int, str], state: dict
+    ) -> tuple[dict[str, torch.Tensor], Checked]:
+        """The strategy's combination of the candidates, read once each as it goes; when one
+        is invalid, its state back to ``state``, every candidate checked, and the
+        combination again over the valid ones (with their weights)."""
+        checked = Checked(candidates, reader)
+        try:
+            mean = self.strategy.combine(checked, [c.weight for c in candidates])
+            checked.read_the_rest()
+            return mean, checked
+        except Invalid:
+            self.strategy.load_state_dict(copy.deepcopy(state))
+        valid = []
+        for c in candidates:
+            try:
+                reader.read(c)
+                valid.append(c)
+            except PacketError as err:
+                rejected[c.client] = str(err)
+        checked = Checked(valid, reader)
+        if not valid:
+            return {}, checked
+        mean = self.strategy.combine(checked, [c.weight for c in valid])
+        checked.read_the_rest()  # the stats of those the rule did not read
+        return mean, checked
 
     def weight(self, num_samples: int) -> int:
         """A client's aggregation weight: its samples, or (the FedBAT authors' choice) its
@@ -186,7 +191,7 @@ class Server:
         if self.max_update_ratio is None:
             return math.inf
         floats = [v for v in self.model.state_dict().values() if v.is_floating_point()]
-        return self.max_update_ratio * max(_norm(floats), 1.0)
+        return self.max_update_ratio * max(norm(floats), 1.0)
 
     @torch.no_grad()
     def _apply(self, mean: dict[str, torch.Tensor]) -> None:
@@ -263,27 +268,3 @@ def _weighted_logs(results: list[ClientResult]) -> dict[str, float]:
             sums[k] = sums.get(k, 0.0) + v * res.num_samples
             weights[k] = weights.get(k, 0.0) + res.num_samples
     return {k: sums[k] / weights[k] for k in sorted(sums)}
-
-
-MAX_COUNTER_STEP = 2**31  # integer buffers (BN's num_batches_tracked) grow by steps taken
-
-
-def _norm(tensors: list[torch.Tensor]) -> float:
-    """The L2 norm of all of ``tensors`` together, accumulated in float64 (a half-precision
-    update's norm would overflow its own dtype past 65504, and float32 sums drift by 1e-3 over
-    a million elements) without a float64 copy of any tensor."""
-    if not tensors:
-        return 0.0
-    norms = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors])
-    return float(torch.linalg.vector_norm(norms))
-
-
-def _check_scale(update: dict[str, torch.Tensor], bound: float) -> None:
-    norm = _norm([u for u in update.values() if u.is_floating_point()])
-    if norm > bound:
-        raise PacketError(
-            f"update norm {norm:.3g} exceeds the bound {bound:.3g} (fed.max_update_ratio)"
-        )
-    for name, u in update.items():
-        if not u.is_floating_point() and u.numel() and int(u.abs().max()) > MAX_COUNTER_STEP:
-            raise PacketError(f"{name}: counter step {int(u.abs().max())} > {MAX_COUNTER_STEP}")

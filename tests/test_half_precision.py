@@ -103,11 +103,19 @@ def test_bf16_true_trains_a_bf16_model_at_half_the_bits(tmp_path):
 
 
 def test_a_half_update_beyond_its_dtypes_range_in_norm_is_measured_not_overflowed():
-    """The update-norm bound is taken in float32: a float16 update of a million 100s has
-    norm 1e5, past float16's 65504, and is within a bound of 1e6 (by hand: sqrt(1e6) * 100)."""
-    from fedbat.server import _check_scale
+    """The update-norm bound is not taken in the update's dtype: a float16 update of a
+    million 100s has norm 1e5, past float16's 65504, and is within a bound of 1e6 (by hand:
+    sqrt(1e6) * 100); within 0.01% of the bound the float64 norm decides."""
+    from fedbat.intake import check_scale
 
     big = {"w": torch.full((10**6,), 100.0, dtype=torch.float16)}
-    _check_scale(big, 1e6)  # accepted
+    check_scale(big, 1e6)  # accepted
+    check_scale(big, 1.0001e5)
     with pytest.raises(PacketError, match="update norm 1e\\+05 exceeds the bound 9e\\+04"):
-        _check_scale(big, 9e4)
+        check_scale(big, 9e4)
+    with pytest.raises(PacketError, match="update norm 1e\\+05 exceeds the bound 1e\\+05"):
+        check_scale(big, 0.9999e5)
+    huge = {"w": torch.full((4,), 1e30)}  # its float32 sum of squares overflows
+    with pytest.raises(PacketError, match="update norm 2e\\+30 exceeds the bound 1e\\+30"):
+        check_scale(huge, 1e30)
+    check_scale(huge, 3e30)

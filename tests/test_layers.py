@@ -47,6 +47,7 @@ LAYERS = [
         [
             "fedbat.client",
             "fedbat.server",
+            "fedbat.intake",
             "fedbat.downlink",
             "fedbat.clientstore",
             "fedbat.exchange",

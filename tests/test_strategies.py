@@ -1,6 +1,7 @@
 """Strategies: each server rule against a hand computation, FedProx's client term, and every
 strategy composed with compressors in real runs."""
 
+import copy
 import math
 
 import lightning as L
@@ -80,28 +81,78 @@ def test_weighted_mean_reaches_the_strategy(tmp_path):
         assert torch.allclose(seen[name].double(), want, atol=1e-7), name
 
 
-def test_the_round_updates_reach_the_strategy_decoded_one_at_a_time(tmp_path):
+def test_the_round_updates_reach_the_strategy_read_once_each(tmp_path, monkeypatch):
     """With a thousand clients a round, their decoded updates would be a thousand models in
-    memory: the strategy gets the packets as a sequence that decodes on access, and every
-    rule gets the same bits from it as from the list of decoded updates."""
+    memory: the strategy gets the packets as a sequence that decodes (and checks) on access,
+    each packet is decoded once in a round of valid ones, and every rule gets the same bits
+    from it as from the list of decoded updates."""
+    import fedbat.intake
     from fedbat.compressors import decode_update
-    from fedbat.server import Decoded
+    from fedbat.intake import Checked
     from tests.helpers import round_results
 
     server, results = round_results(tmp_path, 3)
-    given = []
+    given, decoded = [], []
     combine = server.strategy.combine
     server.strategy.combine = lambda updates, weights: (
         given.append(updates) or combine(updates, weights)
     )
-    server.aggregate(results, {r.client for r in results})
-    assert isinstance(given[0], Decoded) and len(given[0]) == 3
+
+    def counted(data, *args):
+        decoded.append(data)
+        return decode_update(data, *args)
+
+    monkeypatch.setattr(fedbat.intake, "decode_update", counted)
+    assert server.aggregate(results, {r.client for r in results}).accepted == [0, 1, 2]
+    assert decoded == [r.data for r in results]  # once each, in client-id order
+    assert isinstance(given[0], Checked) and len(given[0]) == 3
     assert given[0][0] is not given[0][0]  # decoded afresh, not kept
     ups = [decode_update(r.data, server.plan, server.uplink)[0] for r in results]
     for name in ("fedavg", "median", "trimmed_mean"):
         lazy = build(name).combine(given[0], [3, 1, 2])
         held = build(name).combine(ups, [3, 1, 2])
         assert all(torch.equal(lazy[k], held[k]) for k in held), name
+
+
+@pytest.mark.parametrize("strategy", ["fedadam", "median"])
+def test_an_invalid_packet_read_mid_combination_costs_exactly_its_own_client(tmp_path, strategy):
+    """The combination stops at the invalid packet, and the server combines again without
+    it: the model, the strategy's state (FedAdam's moments and step) and the logged figures
+    are those of the round without that client, bit for bit."""
+    from tests.helpers import forge_raw, round_results
+
+    server, results = round_results(tmp_path, 4, f"strategy={strategy}")
+    warm = server.aggregate(results, {0, 1, 2, 3})  # a strategy state to restore
+    assert warm.accepted == [0, 1, 2, 3]
+    without = copy.deepcopy(server)
+    poisoned = list(results)
+    poisoned[2] = copy.copy(results[2])
+    poisoned[2].data, _ = forge_raw(results[2].data, server, 1e30)
+    agg = server.aggregate(poisoned, {0, 1, 2, 3})
+    ref = without.aggregate([results[i] for i in (0, 1, 3)], {0, 1, 2, 3})
+    assert agg.accepted == ref.accepted == [0, 1, 3]
+    assert list(agg.rejected) == [2] and "max_update_ratio" in agg.rejected[2]
+    assert (agg.train_loss, agg.stats, agg.logs) == (ref.train_loss, ref.stats, ref.logs)
+    for k, v in without.global_state().items():
+        assert torch.equal(server.global_state()[k], v), k
+    assert repr(server.strategy.state_dict()) == repr(without.strategy.state_dict())
+
+
+def test_a_packet_the_rule_never_reads_is_still_checked(tmp_path):
+    """A rule may read only some updates; none is accepted unread."""
+    from fedbat.strategies.fedavg import FedAvg
+    from tests.helpers import forge_raw, round_results
+
+    class First(FedAvg):
+        def combine(self, updates, weights):
+            return {k: v.float() for k, v in updates[0].items()}
+
+    server, results = round_results(tmp_path, 3)
+    server.strategy = First()
+    server.strategy.setup(server.params)
+    results[2].data, _ = forge_raw(results[2].data, server, 1e30)
+    agg = server.aggregate(results, {0, 1, 2})
+    assert agg.accepted == [0, 1] and "max_update_ratio" in agg.rejected[2]
 
 
 def test_unknown_strategy_and_parameters_fail_in_one_line():
