@@ -123,6 +123,44 @@ def aliases(model: nn.Module) -> dict[str, str]:
 
 
 def load_model(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """``model.load_state_dict(state)`` where ``state`` names each tied tensor once."""
-    tied = {a: state[first] for a, first in aliases(model).items() if a not in state}
-    model.load_state_dict(state | tied)
+    """``model.load_state_dict(state)`` where ``state`` names each tied tensor once.
+
+    When ``state`` holds exactly the model's tensors, in their shapes, and no module changes
+    how it loads, this is what ``load_state_dict`` does (``copy_`` each under ``no_grad``)
+    without its per-module Python: a client of a cross-device round loads a model in a
+    quarter of the time. Anything else takes ``load_state_dict`` and its errors.
+    """
+    targets = model.state_dict(keep_vars=True)
+    first: dict[int, str] = {}
+    tied = {n: first.setdefault(id(t), n) for n, t in targets.items()}
+    if (
+        state.keys() == {n for n, f in tied.items() if n == f}
+        and all(targets[n].shape == t.shape for n, t in state.items())
+        and _loads_plainly(model, targets)
+    ):
+        with torch.no_grad():
+            for name, t in state.items():
+                targets[name].copy_(t)
+        return
+    fill = {n: state[f] for n, f in tied.items() if n != f and f in state and n not in state}
+    model.load_state_dict(state | fill)
+
+
+_PLAIN_LOADS = (
+    nn.Module._load_from_state_dict,
+    nn.modules.batchnorm._NormBase._load_from_state_dict,
+)
+
+
+def _loads_plainly(model: nn.Module, targets: dict[str, torch.Tensor]) -> bool:
+    """torch's own ``load_state_dict`` on the root, no load hooks, and torch's own
+    ``_load_from_state_dict`` on every module that owns tensors of the state (BatchNorm's
+    differs only for checkpoints without ``num_batches_tracked``, which a full state has);
+    a module owning none (a torchmetrics metric) loads nothing."""
+    owners = {n.rpartition(".")[0] for n in targets}
+    return type(model).load_state_dict is nn.Module.load_state_dict and all(
+        not m._load_state_dict_pre_hooks
+        and not m._load_state_dict_post_hooks
+        and (type(m)._load_from_state_dict in _PLAIN_LOADS or name not in owners)
+        for name, m in model.named_modules()
+    )
