@@ -10,7 +10,7 @@ evaluation in the timed rounds, ``compressor=none``.
 Every measurement runs in a fresh process (so its peak RSS is its own), plain and fedbat
 interleaved; both end with one test evaluation of the final model (batches of 1,024, as
 fedbat evaluates), outside the timed rounds. Prints each regime's median s/round (rounds
-after the first), their ratio
+after the first), their ratio, the spread of the ratios of each plain/fedbat pair of runs
 (targets: cross-silo <= 1.02, cross-device <= 1.03) and both peak RSS (target: fedbat
 within 1.1x). Run: python benchmarks/overhead.py
 """
@@ -209,6 +209,7 @@ def main() -> None:
             for kind in got:
                 m = measure(kind, regime, args.rounds, args.threads)
                 got[kind].setdefault("times", []).extend(m["times"][1:])
+                got[kind].setdefault("runs", []).append(statistics.median(m["times"][1:]))
                 got[kind].setdefault("rss", []).append(m["rss"])
         p, f = (statistics.median(got[k]["times"]) for k in ("plain", "fedbat"))
         rp, rf = (max(got[k]["rss"]) / 2**30 for k in ("plain", "fedbat"))
@@ -218,6 +219,8 @@ def main() -> None:
         print(f"  fedbat        : {f:.3f} s/round, peak RSS {rf:.2f} GiB")
         print(f"  ratio fedbat/plain: {f / p:.3f} s/round (target <= {targets[regime]}), "
               f"{rf / rp:.2f} RSS (target <= 1.1)")  # fmt: skip
+        pairs = [f / p for p, f in zip(got["plain"]["runs"], got["fedbat"]["runs"], strict=True)]
+        print(f"  run-to-run: each pair's ratio {min(pairs):.3f} to {max(pairs):.3f}")
 
 
 if __name__ == "__main__":
