@@ -1,13 +1,21 @@
 """A Flower client on a device: fedbat's compressors without the app's dependencies. The
 deployment itself is tested in test_flower_deployment.py."""
 
+import contextlib
+import socket
+import ssl
+import stat
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedbat.cli import main
+from fedbat.integrations.flower.security import generate
 from fedbat.rundir import RunDirLock
 
 DEVICE_CLIENT = textwrap.dedent(
@@ -88,3 +96,67 @@ def test_a_held_run_dir_is_refused_before_any_process_starts(tmp_path, capsys):
         assert main(["flower", f"run_dir={run_dir}"]) == 2
     assert ": in use by process" in capsys.readouterr().err
     assert (run_dir / "metrics.csv").read_text() == "kept\n"
+
+
+def test_bad_credentials_folders_are_one_line_and_start_nothing(tmp_path, capsys):
+    a_file = tmp_path / "creds.txt"
+    a_file.write_text("not a folder")
+    partial = tmp_path / "partial"
+    generate(partial, 2)
+    (partial / "supernode-1.key").unlink()
+    cases = [
+        (a_file, f"--credentials={a_file}: not a folder"),
+        (partial, f"--credentials={partial}: lacks supernode-1.key, supernode-2.key,"),
+    ]
+    for where, message in cases:
+        before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        assert main(["flower", "--credentials", str(where), f"run_dir={tmp_path}/run"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def _handshake(creds, ca) -> str:
+    """A TLS handshake over a real socket on 127.0.0.1, by the standard library's ssl (not
+    Flower's): the server presents ``creds``'s certificate, the client trusts ``ca``."""
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(creds.cert, creds.key)
+    client_ctx = ssl.create_default_context(cafile=str(ca))
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve():
+        conn, _ = listener.accept()
+        with contextlib.suppress(ssl.SSLError, OSError), server_ctx.wrap_socket(conn, True) as s:
+            s.sendall(b"ok")
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        raw = socket.create_connection(("127.0.0.1", port))
+        with raw, client_ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            return tls.recv(2).decode()
+    except ssl.SSLCertVerificationError as err:
+        return err.verify_message
+    finally:
+        thread.join(10)
+        listener.close()
+
+
+def test_generated_credentials_verify_by_tls_and_keep_private_keys_private(tmp_path):
+    creds = generate(tmp_path / "a", 2)
+    other = generate(tmp_path / "b", 1)
+    assert _handshake(creds, creds.ca) == "ok"
+    assert "certificate signature failure" in _handshake(creds, other.ca)
+    for i in range(2):  # each SuperNode key pair as Flower reads it: OpenSSH, EC P-384
+        key = serialization.load_ssh_private_key(creds.node_key(i).read_bytes(), None)
+        pub = serialization.load_ssh_public_key(creds.node_pub(i).read_bytes())
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+        assert key.public_key().public_numbers() == pub.public_numbers()
+    private = [creds.key, creds.node_key(0), creds.node_key(1)]
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in private)
+    assert creds.missing(2) == [] and creds.missing(3) == ["supernode-2.key", "supernode-2.pub"]
+    before = {p: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    with pytest.raises(FileExistsError, match=r"ca\.pem"):  # a second set overwrites nothing
+        generate(tmp_path / "a", 1)
+    assert {p: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before

@@ -18,7 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from fedbat.integrations.flower.processes import PortTaken, wait_serving
+from fedbat.integrations.flower.deploy import deploy as deploy_job
+from fedbat.integrations.flower.deploy import job_config, preflight
+from fedbat.integrations.flower.processes import Deployment, PortTaken, wait_serving
+from fedbat.integrations.flower.security import generate
 from fedbat.lifecycle import run
 from fedbat.rundir import RunDirLock
 from tests.conftest import make_cfg
@@ -205,3 +208,56 @@ def test_a_port_taken_by_another_process_is_named(tmp_path):
 def test_readme_flower_block_runs_as_written(tmp_path):
     (block,) = [b for b in blocks() if any(c.startswith("fedbat flower") for c in b)]
     run_block(tmp_path, block)
+
+
+class WithIntruders(Deployment):
+    """The real deployment, and two SuperNodes that must not join it: one signs with a key
+    the SuperLink never registered, one does not trust the deployment's CA. Its logs are
+    kept for the test (the launcher removes them after a successful run)."""
+
+    def start(self, tries: int = 3) -> None:
+        super().start(tries)
+        other = generate(self.work / "other", 1)
+        self.secrets = key_material(other.root) + key_material(self.creds.root)
+        self.start_supernode("unregistered", 0, self.creds.ca, other.node_key(0))
+        self.start_supernode("untrusting", 1, other.ca, self.creds.node_key(1))
+
+    def stop(self) -> None:
+        self.exited = {n: self.procs[n].poll() for n in ("unregistered", "untrusting")}
+        super().stop()
+        keys = shutil.ignore_patterns("*.key")
+        shutil.copytree(self.work, self.work.parent / "kept", ignore=keys)
+
+
+def key_material(folder: Path) -> list[str]:
+    """The base64 lines of every private key in ``folder``."""
+    keys = [k.read_text() for k in folder.glob("*.key")]
+    return [line for k in keys for line in k.splitlines() if "PRIVATE KEY" not in line]
+
+
+def test_intruding_supernodes_are_refused_and_no_secret_reaches_a_log(tmp_path):
+    """TLS and SuperNode authentication (fedbat flower's default): the unregistered and the
+    untrusting SuperNode are refused and exit (Flower's code 305: not activated; a
+    certificate that does not verify) and the run trains with the two real ones; no private key's
+    material is in any log, the run's stream or the run dir."""
+    cfg = job_config([*JOB, "fed.rounds=2", f"run_dir={tmp_path / 'run'}"], 2)
+    lock = preflight(cfg)
+    work = tmp_path / "work"
+    work.mkdir()
+    deployment = WithIntruders(2, work, generate(work / "credentials", 2))
+    try:
+        assert deploy_job(cfg, deployment, 240) == 0
+    finally:
+        lock.release()
+    history = rows(tmp_path / "run")
+    assert [r["clients/accepted"] for r in history] == ["2", "2"]
+    assert deployment.exited == {"unregistered": 1, "untrusting": 1}  # before the teardown
+    kept = tmp_path / "kept"
+    unregistered, untrusting = ((kept / f"{n}.log").read_text() for n in deployment.exited)
+    assert "Exit Code: 305" in unregistered and "Failed to activate SuperNode" in unregistered
+    assert "Exit Code: 305" in untrusting and "CERTIFICATE_VERIFY_FAILED" in untrusting
+    secrets = [s for s in deployment.secrets if len(s) > 20]
+    assert len(secrets) > 10
+    logs = [p for p in [*kept.rglob("*"), *(tmp_path / "run").rglob("*")] if p.is_file()]
+    leaked = [p for p in logs if any(s in p.read_text(errors="replace") for s in secrets)]
+    assert not leaked

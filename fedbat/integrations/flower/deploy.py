@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedbat.checkpoint import CHECKPOINT
 from fedbat.config import run_name
 from fedbat.integrations.flower.processes import Deployment, Watch, tail
+from fedbat.integrations.flower.security import Credentials, generate
 from fedbat.rundir import SUMMARY, RunDirLock
 
 APP_TOML = """[build-system]
@@ -65,6 +66,12 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--supernodes", type=int, default=3, help="clients, one SuperNode each")
     parser.add_argument(
         "--round-timeout", type=float, default=600.0, help="seconds to wait for replies"
+    )
+    parser.add_argument(
+        "--credentials",
+        type=Path,
+        help="a folder of TLS certificates and SuperNode keys (written there when it is empty "
+        "or new; default: a throw-away set for this deployment)",
     )
     return parser.parse_known_args(argv)
 
@@ -163,7 +170,23 @@ def check_args(ns: argparse.Namespace) -> str | None:
         )
     if not (math.isfinite(ns.round_timeout) and 0 < ns.round_timeout <= 86400):
         return f"--round-timeout={ns.round_timeout:g}: must be a number of seconds in (0, 86400]"
+    where = ns.credentials
+    if where is not None and where.exists():
+        if not where.is_dir():
+            return f"--credentials={where}: not a folder"
+        if any(where.iterdir()) and (missing := Credentials(where).missing(ns.supernodes)):
+            return (
+                f"--credentials={where}: lacks {', '.join(missing)} (a folder as fedbat "
+                "writes it, or an empty one to write a new set in)"
+            )
     return None
+
+
+def credentials(given: Path | None, supernodes: int, work: Path) -> Credentials:
+    """The user's set when ``given`` holds one; else a new one, in ``given`` or ``work``."""
+    if given is not None and given.is_dir() and any(given.iterdir()):
+        return Credentials(given.resolve())
+    return generate((given or work / "credentials").resolve(), supernodes)
 
 
 def main(argv: list[str]) -> int:
@@ -186,17 +209,19 @@ def main(argv: list[str]) -> int:
     except ConfigError as err:
         return fail(str(err))
     try:  # the run dir stays held until every process of the deployment has stopped
-        return deploy(cfg, ns.supernodes, ns.round_timeout)
+        work = Path(tempfile.mkdtemp(prefix="fedbat-flower-"))
+        creds = credentials(ns.credentials, ns.supernodes, work)
+        return deploy(cfg, Deployment(ns.supernodes, work, creds), ns.round_timeout)
     finally:
         lock.release()
 
 
-def deploy(cfg: DictConfig, supernodes: int, timeout: float) -> int:
-    """Start the deployment, stream the run, stop everything; the exit code."""
+def deploy(cfg: DictConfig, deployment: Deployment, timeout: float) -> int:
+    """Start the deployment, stream the run, stop everything; the exit code. Its work
+    folder (logs, throw-away credentials) is removed when the run succeeds."""
     from fedbat.train import done_line
 
-    work = Path(tempfile.mkdtemp(prefix="fedbat-flower-"))
-    deployment = Deployment(supernodes, work)
+    work = deployment.work
     started = time.time()
 
     def on_sigterm(signum: int, frame: object) -> None:

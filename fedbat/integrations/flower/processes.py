@@ -5,6 +5,7 @@ them, a watch that ends the run when the SuperLink dies, and the teardown."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 from fedbat.integrations.flower import watchdog
+from fedbat.integrations.flower.security import Credentials
 
 
 def free_port() -> int:
@@ -32,11 +34,11 @@ class PortTaken(RuntimeError):
 def wait_serving(port: int, proc: subprocess.Popen, what: str, log: Path) -> None:
     """Until ``proc`` itself serves on ``port`` (its log says so: a squatter answering on
     the port does not count)."""
-    serving = f"running on http://127.0.0.1:{port}"
+    serving = re.compile(rf"running on https?://127\.0\.0\.1:{port}\b")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         text = log.read_text(errors="replace") if log.is_file() else ""
-        if serving in text:
+        if serving.search(text):
             return
         if proc.poll() is not None:
             if "address already in use" in text.lower() or "errno 98" in text.lower():
@@ -65,10 +67,12 @@ def _die_with_parent() -> None:
 
 class Deployment:
     """The SuperLink and SuperNodes of one local deployment, each its own process group,
-    every process marked for the guard."""
+    every process marked for the guard. The SuperLink serves TLS with ``creds``'s
+    certificate and accepts only the SuperNodes whose public keys are registered with it
+    (each node's, before the nodes start); everything that talks to it verifies the CA."""
 
-    def __init__(self, supernodes: int, work: Path) -> None:
-        self.work, self.n, self.procs = work, supernodes, {}
+    def __init__(self, supernodes: int, work: Path, creds: Credentials) -> None:
+        self.work, self.n, self.procs, self.creds = work, supernodes, {}, creds
         self.token = secrets.token_hex(8)
         self.guard = subprocess.Popen(
             [sys.executable, "-m", "fedbat.integrations.flower.watchdog", self.token],
@@ -78,10 +82,12 @@ class Deployment:
     def start(self, tries: int = 3) -> None:
         for attempt in range(tries):
             self.port = free_port()
-            host = ["--insecure", "--host", "127.0.0.1", "--port", str(self.port)]
+            tls = ["--ssl-ca-certfile", str(self.creds.ca), "--ssl-certfile",
+                   str(self.creds.cert), "--ssl-keyfile", str(self.creds.key)]  # fmt: skip
+            host = ["--host", "127.0.0.1", "--port", str(self.port), "--enable-supernode-auth"]
             link = self._spawn(
                 "superlink",
-                ["flower-superlink", *host, "--disable-runtime-dependency-installation"],
+                ["flower-superlink", *tls, *host, "--disable-runtime-dependency-installation"],
             )
             try:
                 wait_serving(self.port, link, "the SuperLink", self.work / "superlink.log")
@@ -90,11 +96,43 @@ class Deployment:
                 link.wait()
                 if attempt + 1 == tries:
                     raise
+        self._register(range(self.n))
         for i in range(self.n):
-            node_config = f"partition-id={i} num-partitions={self.n}"
-            link_at = ["--insecure", "--superlink", f"127.0.0.1:{self.port}"]
-            own = ["--port", str(free_port()), "--node-config", node_config]
-            self._spawn(f"supernode-{i}", ["flower-supernode", *link_at, *own])
+            self.start_supernode(f"supernode-{i}", i, self.creds.ca, self.creds.node_key(i))
+
+    def start_supernode(self, name: str, i: int, ca: Path, key: Path) -> subprocess.Popen:
+        """SuperNode ``name`` serving partition ``i``, trusting ``ca``, signing with ``key``."""
+        node_config = f"partition-id={i} num-partitions={self.n}"
+        link_at = ["--superlink", f"127.0.0.1:{self.port}", "--root-certificates", str(ca)]
+        own = ["--auth-supernode-private-key", str(key), "--port", str(free_port())]
+        return self._spawn(name, ["flower-supernode", *link_at, *own, "--node-config", node_config])
+
+    def _register(self, nodes: range) -> None:
+        """``flwr supernode register`` of each node's public key, all at once."""
+        env = self.env(self._cli_home())
+        regs = [self._register_one(i, env) for i in nodes]
+        for i, reg in zip(nodes, regs, strict=True):
+            out, _ = reg.communicate(timeout=120)
+            if reg.returncode != 0:
+                clean = re.sub(r"\x1b\[[0-9;]*m", "", out).strip().splitlines()[-1:]
+                raise RuntimeError(f"registering SuperNode {i}'s key failed: {clean}")
+
+    def _register_one(self, i: int, env: dict[str, str]) -> subprocess.Popen:
+        cmd = ["flwr", "supernode", "register", str(self.creds.node_pub(i)), "local"]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True,
+                                preexec_fn=_die_with_parent)  # fmt: skip
+
+    def _cli_home(self) -> Path:
+        """``flwr``'s home: a connection to this SuperLink that verifies its certificate."""
+        home = self.work / "cli"
+        home.mkdir(exist_ok=True)
+        (home / "config.toml").write_text(
+            '[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+            f'address = "127.0.0.1:{self.port}"\n'
+            f"root-certificates = {json.dumps(str(self.creds.ca))}\n"
+        )
+        return home
 
     def env(self, home: Path) -> dict[str, str]:
         return os.environ | {
@@ -114,12 +152,7 @@ class Deployment:
 
     def submit(self, app: Path) -> subprocess.Popen:
         """``flwr run`` against this SuperLink, streaming the run's log."""
-        home = self.work / "cli"
-        home.mkdir(exist_ok=True)
-        (home / "config.toml").write_text(
-            '[superlink]\ndefault = "local"\n\n[superlink.local]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
-        )
+        home = self._cli_home()
         cmd = ["flwr", "run", str(app), "local", "--stream"]
         proc = subprocess.Popen(cmd, env=self.env(home), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True,
