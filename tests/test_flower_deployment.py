@@ -261,3 +261,44 @@ def test_intruding_supernodes_are_refused_and_no_secret_reaches_a_log(tmp_path):
     logs = [p for p in [*kept.rglob("*"), *(tmp_path / "run").rglob("*")] if p.is_file()]
     leaked = [p for p in logs if any(s in p.read_text(errors="replace") for s in secrets)]
     assert not leaked
+
+
+class WithHostileNode(Deployment):
+    """The real deployment submitting tests/hostile_client_app.py as its ClientApp."""
+
+    def submit(self, app: Path) -> subprocess.Popen:
+        toml = app / "pyproject.toml"
+        real = "fedbat.integrations.flower.client_app:app"
+        toml.write_text(toml.read_text().replace(real, "tests.hostile_client_app:app"))
+        return super().submit(app)
+
+
+def test_a_hostile_node_is_rejected_alone_each_round_with_why(tmp_path, capsys, monkeypatch):
+    """Partition 1's node replays its last reply, answers for an earlier round, for another
+    client, with an oversized packet, with malformed logs and with 100x its samples, one
+    attack a round: each reply is rejected alone, naming why, and the honest node's update
+    makes every round."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent.parent))  # for the test's app
+    cfg = job_config([*JOB, "fed.rounds=7", f"run_dir={tmp_path / 'run'}"], 2)
+    lock = preflight(cfg)
+    work = tmp_path / "work"
+    work.mkdir()
+    try:
+        assert deploy_job(cfg, WithHostileNode(2, work, generate(work / "c", 2)), 400) == 0
+    finally:
+        lock.release()
+    out = capsys.readouterr().out
+    history = rows(tmp_path / "run")
+    assert [r["clients/accepted"] for r in history] == ["2"] + ["1"] * 6
+    assert [r["clients/rejected"] for r in history] == ["0"] + ["1"] * 6
+    why = [
+        "round 2: rejected client 1: reply to another request (round 0, nonce '",
+        "round 3: rejected client 1: reply to another request (round 1, nonce '",
+        "round 4: rejected client 1: reply for client 0, expected 1",
+        "round 5: rejected client 1: a packet of ",
+        "round 6: rejected client 1: malformed reply (JSONDecodeError",
+        "round 7: rejected client 1: claims ",
+    ]
+    for line in why:
+        assert line in out, (line, out[-3000:])
+    assert "fit this model" in out and "samples; its partition has " in out

@@ -28,6 +28,7 @@ from fedbat.downlink import FULL, apply_broadcast
 from fedbat.integrations.flower.protocol import (
     RECORD,
     STATE,
+    echo,
     pack_state,
     result_record,
     unpack_state,
@@ -80,7 +81,8 @@ def train(msg: Message, context: Context) -> Message:
     if result.ok:  # the client keeps the weights it was sent, and its new state
         blob = pack_state(held, result.state)
         context.state[STATE] = ConfigRecord({"blob": blob, "version": r})
-    return Message(RecordDict({RECORD: ConfigRecord(result_record(result))}), reply_to=msg)
+    reply = result_record(result) | echo(request)
+    return Message(RecordDict({RECORD: ConfigRecord(reply)}), reply_to=msg)
 
 
 def receive(

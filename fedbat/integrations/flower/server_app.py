@@ -12,6 +12,7 @@ the full model next time.
 from __future__ import annotations
 
 import json
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,12 @@ from omegaconf import OmegaConf
 
 from fedbat.downlink import Delivery
 from fedbat.errors import ConfigError, PeerLost
-from fedbat.integrations.flower.protocol import RECORD, failed, result_from_record
+from fedbat.integrations.flower.protocol import (
+    RECORD,
+    Asked,
+    failed,
+    result_from_record,
+)
 from fedbat.lifecycle import run
 from fedbat.transport import RoundContext, Trained
 
@@ -46,6 +52,7 @@ class FlowerTransport:
         self.nodes: dict[int, int] = {}  # fedbat client -> Flower node id
         self.asked: dict[int, int] = {}  # node -> times asked which client it serves
         self.sent = {"flower/uplink_bytes": 0, "flower/downlink_bytes": 0}
+        self.max_bytes = 0  # the largest packet a reply may carry, from the model's size
 
     clients_persist = False  # a client's Flower context lasts one run: a resumed run starts bare
 
@@ -53,12 +60,19 @@ class FlowerTransport:
         online = self._discover(ctx.num_clients)
         messages, results = {}, {}
         common = self._common(ctx, any(d.full for d in ctx.deliveries))  # once a round
+        if not self.max_bytes:  # an update, the strategy's message, and room for headers
+            self.max_bytes = 3 * len(common.get("full") or ctx.full_model()) + 65536
+        asked = {}
         for d in ctx.deliveries:
             if self.nodes.get(d.client) not in online:
                 results[d.client] = failed(d.client, "no SuperNode online serves this client")
                 continue
+            nonce = secrets.token_hex(16)
+            size = ctx.client_size(d.client)
+            asked[d.client] = Asked(d.client, size, ctx.index, nonce, self.max_bytes)
+            request = self._request(ctx, d, common) | {"nonce": nonce}  # the reply echoes it
             messages[d.client] = Message(
-                RecordDict({RECORD: ConfigRecord(self._request(ctx, d, common))}),
+                RecordDict({RECORD: ConfigRecord(request)}),
                 dst_node_id=self.nodes[d.client],
                 message_type=MessageType.TRAIN,
             )
@@ -72,7 +86,7 @@ class FlowerTransport:
                 results[client] = failed(client, f"client error: {reply.error.reason[:300]}")
                 continue
             record = reply.content.config_records.get(RECORD, {})  # absent: a failed client
-            res = result_from_record(record, client, ctx.client_size(client))
+            res = result_from_record(record, asked[client])
             if res.ok:
                 self.sent["flower/uplink_bytes"] += message_bytes(reply)
             results[client] = res
