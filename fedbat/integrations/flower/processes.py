@@ -51,7 +51,12 @@ def wait_serving(port: int, proc: subprocess.Popen, what: str, log: Path) -> Non
 def tail(log: Path, lines: int = 5) -> str:
     """The last ``lines`` of a log, on one line, without terminal colour codes."""
     text = log.read_text(errors="replace") if log.is_file() else ""
-    return " | ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).strip().splitlines()[-lines:])
+    return " | ".join(plain(text).splitlines()[-lines:])
+
+
+def plain(text: str) -> str:
+    """``text`` without terminal colour codes, stripped."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text).strip()
 
 
 def _die_with_parent() -> None:
@@ -114,7 +119,7 @@ class Deployment:
         for i, reg in zip(nodes, regs, strict=True):
             out, _ = reg.communicate(timeout=120)
             if reg.returncode != 0:
-                clean = re.sub(r"\x1b\[[0-9;]*m", "", out).strip().splitlines()[-1:]
+                clean = plain(out).splitlines()[-1:]
                 raise RuntimeError(f"registering SuperNode {i}'s key failed: {clean}")
 
     def _register_one(self, i: int, env: dict[str, str]) -> subprocess.Popen:

@@ -73,34 +73,13 @@ def generate(root: Path, supernodes: int, hosts: tuple[str, ...] = ("127.0.0.1",
     creds = Credentials(root)
     if taken := creds.missing(supernodes, present=True):
         raise FileExistsError(f"{root} already holds {', '.join(taken)}")
-    now = datetime.datetime.now(datetime.UTC)
-    valid = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=365))
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(_name("fedbat deployment CA"))
-        .issuer_name(_name("fedbat deployment CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(valid[0])
-        .not_valid_after(valid[1])
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA384())
-    )
-    key = ec.generate_private_key(ec.SECP384R1())
-    names = [_host(h) for h in hosts]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(hosts[0]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(valid[0])
-        .not_valid_after(valid[1])
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA384())
-    )
+    ca_key, key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    ca_name = _name("fedbat deployment CA")
+    ca = _certificate(ca_name, ca_name, ca_key.public_key(), ca_key,
+                      [x509.BasicConstraints(ca=True, path_length=0)])  # fmt: skip
+    sans = x509.SubjectAlternativeName([_host(h) for h in hosts])
+    cert = _certificate(_name(hosts[0]), ca_name, key.public_key(), ca_key,
+                        [x509.BasicConstraints(ca=False, path_length=None), sans])  # fmt: skip
     _write(creds.ca, ca.public_bytes(serialization.Encoding.PEM))
     _write(creds.cert, cert.public_bytes(serialization.Encoding.PEM))
     _write(creds.key, _pem(key), 0o600)
@@ -112,6 +91,29 @@ def generate(root: Path, supernodes: int, hosts: tuple[str, ...] = ("127.0.0.1",
         )
         _write(creds.node_pub(i), public)
     return creds
+
+
+def _certificate(
+    subject: x509.Name,
+    issuer: x509.Name,
+    public: ec.EllipticCurvePublicKey,
+    signer: ec.EllipticCurvePrivateKey,
+    extensions: list[x509.ExtensionType],
+) -> x509.Certificate:
+    """A certificate valid from 5 minutes ago for a year; BasicConstraints critical."""
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+    )
+    for ext in extensions:
+        builder = builder.add_extension(ext, critical=isinstance(ext, x509.BasicConstraints))
+    return builder.sign(signer, hashes.SHA384())
 
 
 def _host(host: str) -> x509.GeneralName:
