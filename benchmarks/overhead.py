@@ -7,12 +7,14 @@ evaluation in the timed rounds, ``compressor=none``.
 - ``cross-device``: 1,000 clients of 60 samples, 100 a round: the same samples and steps a
   round, but whatever fedbat does per client is paid ten times as often.
 
-Every measurement runs in a fresh process (so its peak RSS is its own), plain and fedbat
-interleaved; both end with one test evaluation of the final model (batches of 1,024, as
-fedbat evaluates), outside the timed rounds. Prints each regime's median s/round (rounds
-after the first), their ratio, the spread of the ratios of each plain/fedbat pair of runs
-(targets: cross-silo <= 1.02, cross-device <= 1.03) and both peak RSS (target: fedbat
-within 1.1x). Run: python benchmarks/overhead.py
+The s/round figures come from both loops in one process, a round of each in turn: whatever
+slows the machine or this process's kernels (several percent from one fresh process to the
+next here) hits both alike, so each round's pair measures fedbat's own cost. Peak RSS comes
+from each loop alone in a fresh process, to the end of a run (a ``fedbat train`` run with
+its loggers and checkpoints; both end with one test evaluation, batches of 1,024). Prints
+each regime's median s/round (rounds after each process's first), their ratio (targets:
+cross-silo <= 1.02, cross-device <= 1.03), the spread of the pairs' ratios and both peak RSS
+(target: fedbat within 1.1x). Run: python benchmarks/overhead.py
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def workload(regime: str, rounds: int, threads: int) -> list[str]:
 
 
 def fedbat_round_seconds(regime: str, rounds: int, threads: int) -> list[float]:
+    """A whole ``fedbat train`` run (loggers, checkpoints, the final evaluation): its rounds'
+    ``time/round_s``."""
     from omegaconf import open_dict
 
     from fedbat.compose import compose
@@ -70,57 +74,95 @@ def fedbat_round_seconds(regime: str, rounds: int, threads: int) -> list[float]:
             return [float(r["time/round_s"]) for r in csv.DictReader(f)]
 
 
-def plain_round_seconds(regime: str, rounds: int, threads: int) -> list[float]:
+class PlainLoop:
     """The loop a researcher would write by hand: no compression, no bytes, no logging."""
-    from fedbat.datamodules import FederatedDataModule
-    from fedbat.models import build
 
-    torch.set_num_threads(threads)
-    num_clients, per_round = REGIMES[regime]
-    dm = FederatedDataModule("fmnist", num_clients=num_clients, partition="iid", seed=0)
-    dm.setup()
-    x, y = dm.data.x_train, dm.data.y_train
-    torch.manual_seed(0)
-    global_model = build("cnn4", (1, 28, 28), 10)
-    model = copy.deepcopy(global_model)
-    rng = np.random.default_rng(0)
-    times = []
-    for _ in range(rounds):
+    def __init__(self, regime: str, threads: int) -> None:
+        from fedbat.datamodules import FederatedDataModule
+        from fedbat.models import build
+
+        torch.set_num_threads(threads)
+        self.num_clients, self.per_round = REGIMES[regime]
+        self.dm = FederatedDataModule("fmnist", num_clients=self.num_clients, seed=0)
+        self.dm.setup()
+        torch.manual_seed(0)
+        self.global_model = build("cnn4", (1, 28, 28), 10)
+        self.model = copy.deepcopy(self.global_model)
+        self.rng = np.random.default_rng(0)
+
+    def play_round(self) -> float:
+        """One round; its seconds."""
         t0 = time.perf_counter()
-        clients = rng.choice(num_clients, per_round, replace=False)
+        x, y, dm = self.dm.data.x_train, self.dm.data.y_train, self.dm
+        clients = self.rng.choice(self.num_clients, self.per_round, replace=False)
         sizes = [dm.client_size(c) for c in clients]
         total = float(sum(sizes))
-        avg = {
-            k: torch.zeros_like(v, dtype=torch.float32)
-            for k, v in global_model.state_dict().items()
-        }
+        held = self.global_model.state_dict()
+        avg = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in held.items()}
         for c, n in zip(clients, sizes, strict=True):
-            model.load_state_dict(global_model.state_dict())
-            model.train()
-            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            self.model.load_state_dict(held)
+            self.model.train()
+            opt = torch.optim.SGD(self.model.parameters(), lr=0.1)
             idx = dm.client_indices[c]
             for sel in idx[torch.randperm(len(idx))].split(64):
-                loss = F.cross_entropy(model(x[sel]), y[sel])
+                loss = F.cross_entropy(self.model(x[sel]), y[sel])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            for k, v in model.state_dict().items():
+            for k, v in self.model.state_dict().items():
                 avg[k] += (n / total) * v.float()
-        global_model.load_state_dict(
-            {k: v.to(global_model.state_dict()[k].dtype) for k, v in avg.items()}
-        )
-        times.append(time.perf_counter() - t0)
-    global_model.eval()  # the final test evaluation every fedbat run ends with, untimed
-    with torch.no_grad():
-        correct = sum(
-            int((global_model(xb).argmax(1) == yb).sum()) for xb, yb in dm.test_batches(1024, "cpu")
-        )
-    print(f"plain test accuracy {correct / len(dm.data.y_test):.4f}", file=sys.stderr)
+        self.global_model.load_state_dict({k: v.to(held[k].dtype) for k, v in avg.items()})
+        return time.perf_counter() - t0
+
+    def accuracy(self) -> float:
+        """The final test evaluation every fedbat run ends with (batches of 1,024)."""
+        self.global_model.eval()
+        with torch.no_grad():
+            correct = sum(
+                int((self.global_model(xb).argmax(1) == yb).sum())
+                for xb, yb in self.dm.test_batches(1024, "cpu")
+            )
+        return correct / len(self.dm.data.y_test)
+
+
+def plain_round_seconds(regime: str, rounds: int, threads: int) -> list[float]:
+    loop = PlainLoop(regime, threads)
+    times = [loop.play_round() for _ in range(rounds)]
+    print(f"plain test accuracy {loop.accuracy():.4f}", file=sys.stderr)
     return times
 
 
+def paired_round_seconds(regime: str, rounds: int, threads: int) -> dict[str, list[float]]:
+    """Both loops in one process, a round of each in turn (which one goes first alternates):
+    the machine's drifts and this process's kernel speed hit both alike, so each pair's
+    ratio is fedbat's own cost. fedbat's round is ``Federation.play_round``, the span its
+    ``time/round_s`` covers."""
+    from omegaconf import open_dict
+
+    from fedbat.assembly import build_components, build_fabric
+    from fedbat.compose import compose
+    from fedbat.federation import Federation
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = compose(workload(regime, rounds, threads))
+        with open_dict(cfg):
+            cfg.run_dir = tmp
+        fed = Federation(build_components(cfg, build_fabric(cfg)))
+        plain = PlainLoop(regime, threads)
+        times: dict[str, list[float]] = {"plain": [], "fedbat": []}
+        for r in range(rounds):
+            for kind in ("plain", "fedbat") if r % 2 == 0 else ("fedbat", "plain"):
+                t0 = time.perf_counter()
+                fed.play_round(r) if kind == "fedbat" else plain.play_round()
+                times[kind].append(time.perf_counter() - t0)
+        return times
+
+
+WORKERS = {"plain": plain_round_seconds, "fedbat": fedbat_round_seconds}
+
+
 def measure(kind: str, regime: str, rounds: int, threads: int) -> dict:
-    """One measurement in a fresh process: its round times and its peak RSS."""
+    """One worker in a fresh process: its round times and its peak RSS."""
     out = subprocess.run(
         [sys.executable, __file__, "--worker", kind, "--regime", regime,
          "--rounds", str(rounds), "--threads", str(threads)],
@@ -185,42 +227,49 @@ def profile(threads: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds of each loop a process")
+    parser.add_argument("--repeats", type=int, default=2, help="processes timing both loops")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each run")
     parser.add_argument("--regime", choices=[*REGIMES, "both"], default="both")
-    parser.add_argument("--worker", choices=["plain", "fedbat"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=[*WORKERS, "paired"], help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="one cross-device round, by phase")
     args = parser.parse_args()
     if args.profile:
         return profile(args.threads)
     if args.worker:
-        fn = plain_round_seconds if args.worker == "plain" else fedbat_round_seconds
-        times = fn(args.regime, args.rounds, args.threads)
+        if args.worker == "paired":
+            times = paired_round_seconds(args.regime, args.rounds, args.threads)
+        else:
+            times = WORKERS[args.worker](args.regime, args.rounds, args.threads)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
         print(json.dumps({"times": times, "rss": rss}))
         return
     regimes = list(REGIMES) if args.regime == "both" else [args.regime]
-    print(f"torch threads: {args.threads}; medians of rounds 2-{args.rounds} x {args.repeats}")
+    print(
+        f"torch threads: {args.threads}; {args.repeats} processes x rounds 2-{args.rounds} "
+        "of each loop, in turn"
+    )
     targets = {"cross-silo": 1.02, "cross-device": 1.03}
     for regime in regimes:
-        got: dict[str, dict[str, list[float]]] = {"plain": {}, "fedbat": {}}
+        got: dict[str, list[float]] = {"plain": [], "fedbat": []}
         for _ in range(args.repeats):
+            times = measure("paired", regime, args.rounds, args.threads)["times"]
             for kind in got:
-                m = measure(kind, regime, args.rounds, args.threads)
-                got[kind].setdefault("times", []).extend(m["times"][1:])
-                got[kind].setdefault("runs", []).append(statistics.median(m["times"][1:]))
-                got[kind].setdefault("rss", []).append(m["rss"])
-        p, f = (statistics.median(got[k]["times"]) for k in ("plain", "fedbat"))
-        rp, rf = (max(got[k]["rss"]) / 2**30 for k in ("plain", "fedbat"))
+                got[kind] += times[kind][1:]  # each process's first round warms up
+        # peak RSS: each loop alone in a fresh process, to its final evaluation
+        rss = {k: measure(k, regime, 3, args.threads)["rss"] / 2**30 for k in WORKERS}
+        p, f = (statistics.median(got[k]) for k in ("plain", "fedbat"))
+        pairs = sorted(b / a for a, b in zip(got["plain"], got["fedbat"], strict=True))
         clients, per_round = REGIMES[regime]
         print(f"{regime} ({clients} clients, {per_round} a round):")
-        print(f"  plain PyTorch : {p:.3f} s/round, peak RSS {rp:.2f} GiB")
-        print(f"  fedbat        : {f:.3f} s/round, peak RSS {rf:.2f} GiB")
+        print(f"  plain PyTorch : {p:.3f} s/round, peak RSS {rss['plain']:.2f} GiB")
+        print(f"  fedbat        : {f:.3f} s/round, peak RSS {rss['fedbat']:.2f} GiB")
         print(f"  ratio fedbat/plain: {f / p:.3f} s/round (target <= {targets[regime]}), "
-              f"{rf / rp:.2f} RSS (target <= 1.1)")  # fmt: skip
-        pairs = [f / p for p, f in zip(got["plain"]["runs"], got["fedbat"]["runs"], strict=True)]
-        print(f"  run-to-run: each pair's ratio {min(pairs):.3f} to {max(pairs):.3f}")
+              f"{rss['fedbat'] / rss['plain']:.2f} RSS (target <= 1.1)")  # fmt: skip
+        print(
+            f"  each round's pair: median {statistics.median(pairs):.3f}, "
+            f"{pairs[0]:.3f} to {pairs[-1]:.3f} over {len(pairs)} pairs"
+        )
 
 
 if __name__ == "__main__":
