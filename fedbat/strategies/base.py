@@ -123,12 +123,13 @@ def weighted_sum(
     tensor([2.5000, 0.5000], dtype=torch.float64)
     """
     acc: dict[str, torch.Tensor] = {}
+    term: dict[str, torch.Tensor] = {}  # one float64 product per tensor, reused by every update
     for update, w in zip(updates, weights, strict=True):
         for name, v in update.items():
             if name not in acc:
                 acc[name] = torch.zeros(v.shape, dtype=torch.float64)
-            term = v.to(torch.float64, copy=True)  # the product below, in place
-            acc[name] += term.mul_(coef(name, w))
+                term[name] = torch.empty(v.shape, dtype=torch.float64)
+            acc[name] += term[name].copy_(v).mul_(coef(name, w))
     return acc
 
 
