@@ -13,8 +13,12 @@ import threading
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from omegaconf import OmegaConf
 
+from fedbat.checkpoint import CHECKPOINT
 from fedbat.cli import main
+from fedbat.integrations.flower.deploy import NODES, node_states
+from fedbat.integrations.flower.node_state import DiskState
 from fedbat.integrations.flower.security import generate
 from fedbat.rundir import RunDirLock
 
@@ -76,14 +80,16 @@ def test_compressors_import_without_lightning_hydra_wandb_matplotlib():
         (["data.num_clients=5"], "data.num_clients=5: a deployment has one client per SuperNode"),
         (["compressor=nope"], "compressor=nope: unknown compressor option"),
         (["fed.clients_per_round=4"], "fed.clients_per_round=4: must be in [1, 3]"),
+        (['run_dir="it\'s"'], "a path with a quote (') cannot be deployed"),
     ],
 )
 def test_bad_deployment_input_is_one_line_and_starts_nothing(tmp_path, capsys, args, message):
     run_dir = tmp_path / "run"
-    assert main(["flower", *args, f"run_dir={run_dir}"]) == 2
+    with contextlib.chdir(tmp_path):  # a relative run_dir= in args lands here
+        assert main(["flower", f"run_dir={run_dir}", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
-    assert not run_dir.exists()
+    assert not run_dir.exists() and not (tmp_path / "it's").exists()
     ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     assert f"run_dir={run_dir}" not in ps and "flower-superlink" not in ps
 
@@ -160,3 +166,47 @@ def test_generated_credentials_verify_by_tls_and_keep_private_keys_private(tmp_p
     with pytest.raises(FileExistsError, match=r"ca\.pem"):  # a second set overwrites nothing
         generate(tmp_path / "a", 1)
     assert {p: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
+
+
+def test_a_node_keeps_two_blobs_on_disk_and_uses_the_newest_before_the_round(tmp_path):
+    """A node's state on its disk: each round's blob written whole (a temporary file a kill
+    left behind is never read), the newest two kept, and a round uses the newest blob of a
+    round before it, so a blob that a killed round wrote is passed over when that round is
+    played again after a resume."""
+    disk = DiskState(tmp_path, client=7)
+    assert disk.load(before=5) == (b"", -1)  # a node that never trained starts bare
+    for r, blob in [(0, b"r0"), (2, b"r2"), (3, b"r3")]:
+        disk.save(blob, r)
+    assert sorted(p.name for p in (tmp_path / "client-7").iterdir()) == [
+        "2.safetensors",
+        "3.safetensors",
+    ]
+    assert disk.load(before=9) == (b"r3", 3)
+    assert disk.load(before=3) == (b"r2", 2)  # round 3 played again: its own blob is not used
+    assert disk.load(before=2) == (b"", -1)
+    (tmp_path / "client-7" / "4.tmp").write_bytes(b"half")  # killed while writing round 4
+    assert disk.load(before=9) == (b"r3", 3)
+    disk.save(b"r4", 4)
+    assert disk.load(before=9) == (b"r4", 4)
+    assert not (tmp_path / "client-7" / "4.tmp").exists()
+
+
+@pytest.mark.parametrize(
+    ("resume", "has_checkpoint", "kept"),
+    [("auto", True, True), ("auto", False, False), (False, True, False), ("own", True, True),
+     ("other", True, False)],
+)  # fmt: skip
+def test_node_states_continue_only_a_resume_of_this_run_dir(tmp_path, resume, has_checkpoint, kept):
+    """The SuperNodes' states survive only into a run that resumes this run dir's own
+    checkpoint; a fresh start (or one from another run's checkpoint) empties their folder,
+    and the ServerApp is told whether clients still hold what the checkpoint says."""
+    run_dir = tmp_path / "run"
+    (run_dir / NODES / "node-0").mkdir(parents=True)
+    if has_checkpoint:
+        (run_dir / CHECKPOINT).write_bytes(b"")
+    other = tmp_path / "other.pt"
+    given = {"own": str(run_dir / CHECKPOINT), "other": str(other)}.get(resume, resume)
+    cfg = OmegaConf.create({"run_dir": str(run_dir), "resume": given})
+    root, resumes = node_states(cfg)
+    assert root == run_dir / NODES and resumes == kept
+    assert (root / "node-0").is_dir() == kept

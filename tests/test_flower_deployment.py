@@ -136,6 +136,39 @@ def test_a_killed_client_is_rejected_alone_and_sigterm_stops_cleanly(tmp_path):
     assert len(rows(run_dir)) == 4 and rows(run_dir)[-1]["clients/rejected"] == "0"
 
 
+def test_a_deployment_killed_mid_run_resumes_bitwise_from_the_nodes_disks(tmp_path):
+    """SIGKILL of the whole deployment (the launcher; its guard kills every other process)
+    once round 2 of 4 is checkpointed, as round 3's clients train and write their state: the
+    same command resumes, each node reading the state it kept on its disk (the weights it
+    holds, its error-feedback residuals; a blob the killed round wrote is passed over), and
+    the whole history equals an uninterrupted ``fedbat train`` bit for bit."""
+    run_dir = tmp_path / "flower"
+    job = ["fed.rounds=4", "compressor=ef_signsgd"]
+    cmd = ["fedbat", "flower", "--supernodes", "3", *JOB, *job, f"run_dir={run_dir}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_rounds(run_dir, 2, proc)
+    deadline = time.monotonic() + 30  # a client of round 3 (index 2) has written its state
+    while not list(run_dir.glob("nodes/*/client-*/2.safetensors")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 20
+    while flower_processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    done = len(rows(run_dir))
+    assert 2 <= done < 4
+    out = deploy(run_dir, *job)
+    assert out.returncode == 0, out.stdout[-1500:] + out.stderr[-3000:]
+    assert f"after round {done} of 4" in out.stdout
+    run(make_cfg(tmp_path / "train", *JOB, *job, "data.num_clients=3"))
+    flower, train = rows(run_dir), rows(tmp_path / "train")
+    assert len(flower) == len(train) == 4
+    for f, t in zip(flower, train, strict=True):
+        for key in ("clients/accepted", "train/loss", "test/acc", "bits/uplink", "bits/downlink"):
+            assert f[key] == t[key], (key, f["round"])
+    assert all(r["clients/rejected"] == "0" for r in flower)
+
+
 def test_sigkill_of_the_launcher_leaves_no_flower_process(tmp_path):
     """``kill -9`` of ``fedbat flower``: its guard stops every process of the deployment
     (SuperExec's ServerApp and ClientApps too), and the run dir is free again."""

@@ -5,8 +5,9 @@ message brings the round, the client, and the downlink it needs (the broadcasts 
 or the full model); the client rebuilds the weights it holds from its Flower context,
 trains with the uplink compressor's hook (FedBAT's learned binarization included), and
 replies with the fedbat packet. What it keeps between rounds (the weights it holds, its
-error-feedback residuals, the strategy's per-client state) stays in the node's context
-state, as on a real device.
+error-feedback residuals, the strategy's per-client state) stays on the node, as on a real
+device: in its Flower context, or on its disk when its node config names a ``state-dir``
+(``node_state.py``), where it survives a restart of the node or of the deployment.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from fedbat.client import ClientJob, train_client
 from fedbat.compressors import decode_update
 from fedbat.compressors.update import SharedSeed
 from fedbat.downlink import FULL, apply_broadcast
+from fedbat.integrations.flower.node_state import DiskState
 from fedbat.integrations.flower.protocol import (
     RECORD,
     STATE,
@@ -63,9 +65,13 @@ def train(msg: Message, context: Context) -> Message:
     partition = int(context.node_config["partition-id"])
     if client != partition:
         raise ValueError(f"asked to train client {client}; this node serves {partition}")
-    kept = context.state.config_records.get(STATE)
-    stored_held, state = unpack_state(bytes(kept["blob"]) if kept else b"")
-    version = int(kept["version"]) if kept else -1
+    disk = DiskState(context.node_config["state-dir"], client) if on_disk(context) else None
+    if disk is not None:
+        blob, version = disk.load(before=r)
+    else:
+        kept = context.state.config_records.get(STATE)
+        blob, version = (bytes(kept["blob"]), int(kept["version"])) if kept else (b"", -1)
+    stored_held, state = unpack_state(blob)
     held = receive(side, request, stored_held, version)
     names = set(side.task.state_dict())  # the model's; the rest is the strategy's
     if request.get("schedule"):
@@ -80,9 +86,17 @@ def train(msg: Message, context: Context) -> Message:
     result = train_client(side.setup, job)
     if result.ok:  # the client keeps the weights it was sent, and its new state
         blob = pack_state(held, result.state)
-        context.state[STATE] = ConfigRecord({"blob": blob, "version": r})
+        if disk is not None:
+            disk.save(blob, r)
+        else:
+            context.state[STATE] = ConfigRecord({"blob": blob, "version": r})
     reply = result_record(result) | echo(request)
     return Message(RecordDict({RECORD: ConfigRecord(reply)}), reply_to=msg)
+
+
+def on_disk(context: Context) -> bool:
+    """Whether this node keeps its state on its own disk (node config ``state-dir``)."""
+    return bool(str(context.node_config.get("state-dir", "")))
 
 
 def receive(

@@ -48,6 +48,7 @@ clientapp = "fedbat.integrations.flower.client_app:app"
 [tool.flwr.app.config]
 round-timeout = {timeout}
 launcher = {launcher}
+clients-persist = {persist}
 error-file = {error_file}
 config = {config}
 """
@@ -102,6 +103,10 @@ def job_config(overrides: list[str], supernodes: int) -> DictConfig:
         name = f"{cfg.data.name}_{cfg.model.name}_{cfg.compressor.name}"
         cfg.run_dir = str(Path("runs", "flower", name, run_name(kept)))
     cfg.run_dir = str(Path(cfg.run_dir).resolve())
+    if "'" in cfg.run_dir:  # the nodes' state-dirs are in it, and node configs quote with '
+        from fedbat.errors import ConfigError
+
+        raise ConfigError(f"run_dir={cfg.run_dir}: a path with a quote (') cannot be deployed")
     cfg.progress = False  # the ServerApp's output is Flower's log stream, not a terminal
     return cfg
 
@@ -137,10 +142,11 @@ def preflight(cfg: DictConfig) -> RunDirLock:
     return lock
 
 
-def write_app(cfg: DictConfig, timeout: float, where: Path) -> Path:
+def write_app(cfg: DictConfig, timeout: float, where: Path, persist: bool = False) -> Path:
     """The Flower app to submit: only its pyproject.toml (the code is the installed fedbat),
-    with the job's resolved config, this launcher's pid (it holds the run dir) and the file
-    the ServerApp reports an error in, as run-config values."""
+    with the job's resolved config, this launcher's pid (it holds the run dir), the file
+    the ServerApp reports an error in, and whether the nodes kept their state from the run
+    this one resumes (``persist``), as run-config values."""
     from fedbat import __version__
 
     app = where / "app"
@@ -151,6 +157,7 @@ def write_app(cfg: DictConfig, timeout: float, where: Path) -> Path:
             version=__version__,
             timeout=timeout,
             launcher=os.getpid(),
+            persist=str(persist).lower(),
             error_file=json.dumps(str(where / ERROR_FILE)),
             config=config,
         )
@@ -159,6 +166,26 @@ def write_app(cfg: DictConfig, timeout: float, where: Path) -> Path:
 
 
 ERROR_FILE = "server-error.txt"
+NODES = "nodes"  # in the run dir: the SuperNodes' state-dirs
+
+
+def node_states(cfg: DictConfig) -> tuple[Path, bool]:
+    """The folder of the SuperNodes' state-dirs, and whether the run resumes from this run
+    dir's own checkpoint: the nodes' states then continue that run; any other start empties
+    the folder, so that no client picks up the state of an earlier run."""
+    run_dir = Path(cfg.run_dir)
+    own = run_dir / CHECKPOINT
+    resume = cfg.resume
+    resumes = own.is_file() and (
+        resume == "auto"
+        or (resume not in (False, "false", "never", None) and Path(str(resume)).resolve() == own)
+    )
+    root = run_dir / NODES
+    if not resumes:
+        shutil.rmtree(root, ignore_errors=True)
+    return root, resumes
+
+
 MAX_SUPERNODES = 256  # each a process or two on this host: fedbat train simulates more
 
 
@@ -211,14 +238,17 @@ def main(argv: list[str]) -> int:
     try:  # the run dir stays held until every process of the deployment has stopped
         work = Path(tempfile.mkdtemp(prefix="fedbat-flower-"))
         creds = credentials(ns.credentials, ns.supernodes, work)
-        return deploy(cfg, Deployment(ns.supernodes, work, creds), ns.round_timeout)
+        states, resumes = node_states(cfg)
+        deployment = Deployment(ns.supernodes, work, creds, states)
+        return deploy(cfg, deployment, ns.round_timeout, persist=resumes)
     finally:
         lock.release()
 
 
-def deploy(cfg: DictConfig, deployment: Deployment, timeout: float) -> int:
+def deploy(cfg: DictConfig, deployment: Deployment, timeout: float, persist: bool = False) -> int:
     """Start the deployment, stream the run, stop everything; the exit code. Its work
-    folder (logs, throw-away credentials) is removed when the run succeeds."""
+    folder (logs, throw-away credentials) is removed when the run succeeds; ``persist``: the
+    nodes hold their state from the run this one resumes."""
     from fedbat.train import done_line
 
     work = deployment.work
@@ -231,7 +261,7 @@ def deploy(cfg: DictConfig, deployment: Deployment, timeout: float) -> int:
     code = 1
     try:
         deployment.start()
-        run = deployment.submit(write_app(cfg, timeout, work))
+        run = deployment.submit(write_app(cfg, timeout, work, persist))
         watch = Watch(deployment, run, work / ERROR_FILE)
         watch.start()
         assert run.stdout is not None

@@ -76,8 +76,11 @@ class Deployment:
     certificate and accepts only the SuperNodes whose public keys are registered with it
     (each node's, before the nodes start); everything that talks to it verifies the CA."""
 
-    def __init__(self, supernodes: int, work: Path, creds: Credentials) -> None:
+    def __init__(
+        self, supernodes: int, work: Path, creds: Credentials, states: Path | None = None
+    ) -> None:
         self.work, self.n, self.procs, self.creds = work, supernodes, {}, creds
+        self.states = states  # node i keeps its state in states/node-<i> (None: its context)
         self.token = secrets.token_hex(8)
         self.guard = subprocess.Popen(
             [sys.executable, "-m", "fedbat.integrations.flower.watchdog", self.token],
@@ -108,6 +111,8 @@ class Deployment:
     def start_supernode(self, name: str, i: int, ca: Path, key: Path) -> subprocess.Popen:
         """SuperNode ``name`` serving partition ``i``, trusting ``ca``, signing with ``key``."""
         node_config = f"partition-id={i} num-partitions={self.n}"
+        if self.states is not None:  # a TOML literal string: job_config refuses a quote
+            node_config += f" state-dir='{self.states / f'node-{i}'}'"
         link_at = ["--superlink", f"127.0.0.1:{self.port}", "--root-certificates", str(ca)]
         own = ["--auth-supernode-private-key", str(key), "--port", str(free_port())]
         return self._spawn(name, ["flower-supernode", *link_at, *own, "--node-config", node_config])

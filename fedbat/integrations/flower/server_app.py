@@ -47,14 +47,21 @@ def message_bytes(message: Message) -> int:
 class FlowerTransport:
     """Reach the round's clients through a Flower Grid (SuperLink)."""
 
-    def __init__(self, grid: Grid, round_timeout: float, wait_nodes: float = 120.0) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        round_timeout: float,
+        wait_nodes: float = 120.0,
+        clients_persist: bool = False,
+    ) -> None:
         self.grid, self.round_timeout, self.wait_nodes = grid, round_timeout, wait_nodes
+        # a node's Flower context lasts one Flower run: only nodes that keep their state on
+        # their own disk (node config ``state-dir``) hold it across a resume
+        self.clients_persist = clients_persist
         self.nodes: dict[int, int] = {}  # fedbat client -> Flower node id
         self.asked: dict[int, int] = {}  # node -> times asked which client it serves
         self.sent = {"flower/uplink_bytes": 0, "flower/downlink_bytes": 0}
         self.max_bytes = 0  # the largest packet a reply may carry, from the model's size
-
-    clients_persist = False  # a client's Flower context lasts one run: a resumed run starts bare
 
     def train(self, ctx: RoundContext) -> Trained:
         online = self._discover(ctx.num_clients)
@@ -191,8 +198,10 @@ def main(grid: Grid, context: Context) -> None:
     cfg = OmegaConf.create(str(context.run_config["config"]))
     timeout = float(context.run_config.get("round-timeout", 600))
     launcher = int(context.run_config.get("launcher", 0)) or None  # it holds the run dir
+    persist = bool(context.run_config.get("clients-persist", False))
+    transport = FlowerTransport(grid, timeout, clients_persist=persist)
     try:
-        run(cfg, transport=FlowerTransport(grid, timeout), launcher=launcher)
+        run(cfg, transport=transport, launcher=launcher)
     except (ConfigError, PeerLost) as err:
         _report(context, f"fedbat: error: {err}")
         raise SystemExit(2 if isinstance(err, ConfigError) else 1) from None

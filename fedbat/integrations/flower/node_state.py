@@ -1,0 +1,56 @@
+"""What a Flower node keeps between rounds: the weights it holds and its own state (residuals,
+the strategy's client state), one safetensors blob (``protocol.pack_state``) per round.
+
+Without a ``state-dir`` in its node config the blob lives in the node's Flower context, which
+lasts one Flower run: a resumed deployment starts its clients bare. With one, the node writes
+each round's blob to its own disk (``<state-dir>/client-<id>/<round>.safetensors``, through a
+temporary file and a rename, so a kill leaves the previous blob whole), and a restarted node
+or a resumed deployment picks up where the server's checkpoint stands.
+
+Which blob a round uses: the newest of a round before it. A deployment killed mid-round
+resumes from the server's last checkpoint and plays that round again; a blob the killed
+round wrote is then newer than the round being played, and is passed over. Two blobs are
+kept, enough when the server checkpoints every round (``checkpoint.every=1``, the default).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+KEEP = 2  # blobs kept per client: the one in use, and the one a killed round may have written
+SUFFIX = ".safetensors"
+
+
+class DiskState:
+    """The blobs of one client in ``root`` (its node's ``state-dir``)."""
+
+    def __init__(self, root: str | Path, client: int) -> None:
+        self.dir = Path(root) / f"client-{client}"
+
+    def load(self, before: int) -> tuple[bytes, int]:
+        """The blob of the newest round before ``before`` and that round (b"", -1: none)."""
+        rounds = [r for r in self._rounds() if r < before]
+        if not rounds:
+            return b"", -1
+        return (self.dir / f"{max(rounds)}{SUFFIX}").read_bytes(), max(rounds)
+
+    def save(self, blob: bytes, round_idx: int) -> None:
+        """Write round ``round_idx``'s blob atomically (and to the disk, not only to its
+        cache); keep the newest ``KEEP``."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        final = self.dir / f"{round_idx}{SUFFIX}"
+        tmp = final.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        for r in sorted(self._rounds())[:-KEEP]:
+            (self.dir / f"{r}{SUFFIX}").unlink(missing_ok=True)
+
+    def _rounds(self) -> list[int]:
+        if not self.dir.is_dir():
+            return []
+        names = (p.name.removesuffix(SUFFIX) for p in self.dir.glob(f"*{SUFFIX}"))
+        return [int(n) for n in names if n.isdigit()]
