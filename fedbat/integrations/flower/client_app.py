@@ -2,7 +2,7 @@
 
 The SuperNode's ``partition-id`` (node config) is the fedbat client it serves. Each train
 message brings the round, the client, and the downlink it needs (the broadcasts it missed,
-or the full model); the client rebuilds the weights it holds from its Flower context,
+or the full model); the client rebuilds the weights it holds from what it kept,
 trains with the uplink compressor's hook (FedBAT's learned binarization included), and
 replies with the fedbat packet. What it keeps between rounds (the weights it holds, its
 error-feedback residuals, the strategy's per-client state) stays on the node, as on a real
