@@ -17,8 +17,7 @@ from omegaconf import OmegaConf
 
 from fedbat.checkpoint import CHECKPOINT
 from fedbat.cli import main
-from fedbat.integrations.flower.deploy import NODES, node_states
-from fedbat.integrations.flower.node_state import DiskState
+from fedbat.integrations.flower.node_state import NODES, DiskState, node_states
 from fedbat.integrations.flower.security import generate
 from fedbat.rundir import RunDirLock
 

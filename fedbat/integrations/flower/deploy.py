@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedbat.checkpoint import CHECKPOINT
 from fedbat.config import run_name
+from fedbat.integrations.flower.node_state import node_states
 from fedbat.integrations.flower.processes import Deployment, Watch, tail
 from fedbat.integrations.flower.security import Credentials, generate
 from fedbat.rundir import SUMMARY, RunDirLock
@@ -166,26 +167,6 @@ def write_app(cfg: DictConfig, timeout: float, where: Path, persist: bool = Fals
 
 
 ERROR_FILE = "server-error.txt"
-NODES = "nodes"  # in the run dir: the SuperNodes' state-dirs
-
-
-def node_states(cfg: DictConfig) -> tuple[Path, bool]:
-    """The folder of the SuperNodes' state-dirs, and whether the run resumes from this run
-    dir's own checkpoint: the nodes' states then continue that run; any other start empties
-    the folder, so that no client picks up the state of an earlier run."""
-    run_dir = Path(cfg.run_dir)
-    own = run_dir / CHECKPOINT
-    resume = cfg.resume
-    resumes = own.is_file() and (
-        resume == "auto"
-        or (resume not in (False, "false", "never", None) and Path(str(resume)).resolve() == own)
-    )
-    root = run_dir / NODES
-    if not resumes:
-        shutil.rmtree(root, ignore_errors=True)
-    return root, resumes
-
-
 MAX_SUPERNODES = 256  # each a process or two on this host: fedbat train simulates more
 
 

@@ -11,12 +11,38 @@ Which blob a round uses: the newest of a round before it. A deployment killed mi
 resumes from the server's last checkpoint and plays that round again; a blob the killed
 round wrote is then newer than the round being played, and is passed over. Two blobs are
 kept, enough when the server checkpoints every round (``checkpoint.every=1``, the default).
+``fedbat flower`` puts its SuperNodes' state-dirs in the run dir (:func:`node_states`).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+
+from omegaconf import DictConfig
+
+from fedbat.checkpoint import CHECKPOINT
+
+NODES = "nodes"  # in the run dir: the SuperNodes' state-dirs
+
+
+def node_states(cfg: DictConfig) -> tuple[Path, bool]:
+    """The folder of the SuperNodes' state-dirs, and whether the run resumes from this run
+    dir's own checkpoint: the nodes' states then continue that run; any other start empties
+    the folder, so that no client picks up the state of an earlier run."""
+    run_dir = Path(cfg.run_dir)
+    own = run_dir / CHECKPOINT
+    resume = cfg.resume
+    resumes = own.is_file() and (
+        resume == "auto"
+        or (resume not in (False, "false", "never", None) and Path(str(resume)).resolve() == own)
+    )
+    root = run_dir / NODES
+    if not resumes:
+        shutil.rmtree(root, ignore_errors=True)
+    return root, resumes
+
 
 KEEP = 2  # blobs kept per client: the one in use, and the one a killed round may have written
 SUFFIX = ".safetensors"
