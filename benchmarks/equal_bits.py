@@ -147,7 +147,8 @@ def render(args: argparse.Namespace) -> None:
             out += ["", f"Not yet run: {', '.join(missing)}."]
         if dirs_all:
             img = args.results.parent / "img" / f"equal_bits_{part}"
-            plot_runs(dirs_all, img, axes=("uplink",), title_text=f"FMNIST cnn4, {part}")
+            names = {d: d.parent.name for d in dirs_all}  # records of several fedbat versions
+            plot_runs(dirs_all, img, ("uplink",), title_text=f"FMNIST cnn4, {part}", labels=names)
             out += ["", f"![{part}](img/equal_bits_{part}/acc_vs_uplink_bits.png)"]
         out.append("")
     text = args.results.read_text()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import math
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -90,8 +90,9 @@ class Config:
         return [read_metrics(r) for r in self.runs]
 
 
-def group_runs(runs: list[Path]) -> list[Config]:
+def group_runs(runs: list[Path], labels: Mapping[Path, str] | None = None) -> list[Config]:
     """Runs grouped by their config without the seed; labelled by the keys that differ.
+    With ``labels`` (run dir -> name), grouped and labelled by name instead.
 
     Runs without a config.yaml are their own configuration, labelled by their folder.
     """
@@ -99,6 +100,7 @@ def group_runs(runs: list[Path]) -> list[Config]:
     for run_dir in runs:
         cfg = {k: v for k, v in flat_config(run_dir).items() if not is_free(k, IGNORED)}
         key = repr(sorted(cfg.items())) if cfg else str(run_dir)
+        key = labels[run_dir] if labels is not None else key
         groups.setdefault(key, Config([], cfg)).runs.append(run_dir)
     out = list(groups.values())
     keys = sorted({k for g in out for k in g.config})
@@ -108,6 +110,8 @@ def group_runs(runs: list[Path]) -> list[Config]:
     for g in out:
         parts = [f"{_short(k)}={g.config.get(k)}" for k in differ]
         g.label = ", ".join(parts) if g.config and parts else g.runs[0].name
+        if labels is not None:
+            g.label = labels[g.runs[0]]
         if len(g.runs) > 1:
             g.label += f" ({len(g.runs)} seeds)"
     return out
@@ -157,8 +161,12 @@ def plot_runs(
     axes: Iterable[str] = ("round", "uplink"),
     formats: Iterable[str] = ("png",),
     title_text: str | None = None,
+    labels: Mapping[Path, str] | None = None,
 ) -> list[Path]:
-    """Write ``acc_vs_<axis>.<format>`` for each axis and format; return their paths."""
+    """Write ``acc_vs_<axis>.<format>`` for each axis and format; return their paths.
+    ``labels`` names each run's configuration (runs of one name are its seeds) where the
+    caller knows it better than the configs can say: records of one experiment written by
+    fedbat versions whose configs have different keys."""
     paths = list(paths)
     axes, formats = list(axes), list(formats)
     for name, allowed, given in (("--x", X_AXES, axes), ("--format", FORMATS, formats)):
@@ -169,7 +177,7 @@ def plot_runs(
             f"--out {out}: must be a folder (it receives acc_vs_<axis>.<format> files), "
             "e.g. --out plots"
         )
-    groups = group_runs(find_runs(paths))
+    groups = group_runs(find_runs(paths), labels)
     out = out or (paths[0] if len(paths) == 1 and paths[0].is_dir() else Path("."))
     out.mkdir(parents=True, exist_ok=True)
     heading = title(groups) if title_text is None else title_text

@@ -18,6 +18,7 @@ from fedbat import checkpoint
 from fedbat.cli import main
 from fedbat.errors import ConfigError
 from fedbat.lifecycle import run
+from fedbat.plot import group_runs
 from fedbat.progress import RoundProgress
 from tests.conftest import make_cfg
 from tests.wandb_records import read_run
@@ -309,3 +310,18 @@ def test_wandb_sweep_yaml_gives_commands_fedbat_accepts():
     for point in points[:: len(params["seed"]["values"])]:  # each compressor once
         args = [*command[3:-1], *(f"{k}={v}" for k, v in point)]
         assert prevalidate(args, check_run_dir=False) is None, args
+
+
+def test_plot_labels_group_records_written_by_different_fedbat_versions():
+    """The equal-bits records were written over months: a newer fedbat's config.yaml has
+    keys an older one lacks, so grouping by config splits one compressor's two seeds and
+    labels each curve by every key that changed. ``labels`` groups and names them as the
+    caller knows them (real records from docs/data)."""
+    root = Path(__file__).parent.parent / "docs" / "data" / "equal_bits" / "iid"
+    runs = [root / name / f"seed{s}" for name in ("eden-4", "none") for s in (0, 1)]
+    assert len(group_runs(runs)) == 4  # the defect: seeds apart, labels of changed keys
+    grouped = group_runs(runs, {r: r.parent.name for r in runs})
+    assert [(g.label, g.runs) for g in grouped] == [
+        ("eden-4 (2 seeds)", runs[:2]),
+        ("none (2 seeds)", runs[2:]),
+    ]
