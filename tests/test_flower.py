@@ -11,13 +11,16 @@ import textwrap
 import threading
 
 import pytest
+import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from omegaconf import OmegaConf
 
 from fedbat.checkpoint import CHECKPOINT
 from fedbat.cli import main
+from fedbat.clientstate import ClientState
 from fedbat.integrations.flower.node_state import NODES, DiskState, node_states
+from fedbat.integrations.flower.protocol import pack_state
 from fedbat.integrations.flower.security import generate
 from fedbat.rundir import RunDirLock
 
@@ -174,20 +177,26 @@ def test_a_node_keeps_two_blobs_on_disk_and_uses_the_newest_before_the_round(tmp
     played again after a resume."""
     disk = DiskState(tmp_path, client=7)
     assert disk.load(before=5) == (b"", -1)  # a node that never trained starts bare
-    for r, blob in [(0, b"r0"), (2, b"r2"), (3, b"r3")]:
+    r0, r2, r3, r4 = (
+        pack_state({"w": torch.full((2,), float(r))}, ClientState()) for r in range(4)
+    )
+    for r, blob in [(0, r0), (2, r2), (3, r3)]:
         disk.save(blob, r)
     assert sorted(p.name for p in (tmp_path / "client-7").iterdir()) == [
         "2.safetensors",
         "3.safetensors",
     ]
-    assert disk.load(before=9) == (b"r3", 3)
-    assert disk.load(before=3) == (b"r2", 2)  # round 3 played again: its own blob is not used
+    assert disk.load(before=9) == (r3, 3)
+    assert disk.load(before=3) == (r2, 2)  # round 3 played again: its own blob is not used
     assert disk.load(before=2) == (b"", -1)
     (tmp_path / "client-7" / "4.tmp").write_bytes(b"half")  # killed while writing round 4
-    assert disk.load(before=9) == (b"r3", 3)
-    disk.save(b"r4", 4)
-    assert disk.load(before=9) == (b"r4", 4)
+    assert disk.load(before=9) == (r3, 3)
+    disk.save(r4, 4)
+    assert disk.load(before=9) == (r4, 4)
     assert not (tmp_path / "client-7" / "4.tmp").exists()
+    (tmp_path / "client-7" / "4.safetensors").write_bytes(b"\x00" * 40)  # a damaged disk
+    assert disk.load(before=9) == (r3, 3)  # the damaged blob is dropped, the one before used
+    assert not (tmp_path / "client-7" / "4.safetensors").exists()
 
 
 @pytest.mark.parametrize(

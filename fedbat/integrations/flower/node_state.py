@@ -21,6 +21,8 @@ import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
 
 from fedbat.checkpoint import CHECKPOINT
 
@@ -55,11 +57,19 @@ class DiskState:
         self.dir = Path(root) / f"client-{client}"
 
     def load(self, before: int) -> tuple[bytes, int]:
-        """The blob of the newest round before ``before`` and that round (b"", -1: none)."""
-        rounds = [r for r in self._rounds() if r < before]
-        if not rounds:
-            return b"", -1
-        return (self.dir / f"{max(rounds)}{SUFFIX}").read_bytes(), max(rounds)
+        """The blob of the newest round before ``before`` and that round (b"", -1: none). A
+        blob that does not parse (a damaged disk) is deleted and the one before it is used:
+        it costs this client its state, never every later round."""
+        for r in sorted((r for r in self._rounds() if r < before), reverse=True):
+            path = self.dir / f"{r}{SUFFIX}"
+            blob = path.read_bytes()
+            try:
+                st_load(blob)
+            except (SafetensorError, ValueError):
+                path.unlink()
+                continue
+            return blob, r
+        return b"", -1
 
     def save(self, blob: bytes, round_idx: int) -> None:
         """Write round ``round_idx``'s blob atomically (and to the disk, not only to its
