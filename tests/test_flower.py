@@ -178,7 +178,7 @@ def test_a_node_keeps_two_blobs_on_disk_and_uses_the_newest_before_the_round(tmp
     disk = DiskState(tmp_path, client=7)
     assert disk.load(before=5) == (b"", -1)  # a node that never trained starts bare
     r0, r2, r3, r4 = (
-        pack_state({"w": torch.full((2,), float(r))}, ClientState()) for r in range(4)
+        pack_state({"w": torch.full((2,), float(r))}, ClientState()) for r in (0, 2, 3, 4)
     )
     for r, blob in [(0, r0), (2, r2), (3, r3)]:
         disk.save(blob, r)
