@@ -46,10 +46,18 @@ class FederatedDataModule(L.LightningDataModule):
         self.splits: Splits | None = None
         self.client_indices: list[torch.Tensor] = []
 
+    @classmethod
+    def of(cls, splits: Splits, client_indices: list[torch.Tensor]) -> FederatedDataModule:
+        """``splits`` already in memory, split as ``client_indices`` says (a Flower node's own
+        data: one client holding its whole training set, in its stored order)."""
+        dm = cls("tensors", num_clients=len(client_indices))
+        dm.splits, dm.client_indices = splits, client_indices
+        return dm
+
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
             return
-        self.splits = load(self.name, **self.dataset_params)
+        self.splits = self.read()
         parts = partition(
             self.partition_name,
             self.splits.y_train.numpy(),
@@ -60,6 +68,10 @@ class FederatedDataModule(L.LightningDataModule):
             class_assignment=self.class_assignment,
         )
         self.client_indices = [torch.from_numpy(np.asarray(p, dtype=np.int64)) for p in parts]
+
+    def read(self) -> Splits:
+        """The dataset's splits, read from disk and not split over clients."""
+        return load(self.name, **self.dataset_params)
 
     @property
     def data(self) -> Splits:

@@ -20,7 +20,7 @@ from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 
 from fedbat.batchnorm import local_statistics
-from fedbat.client import ClientData, ClientSetup, LocalTraining, input_conversion
+from fedbat.client import ClientData, ClientSetup, LocalTraining, input_conversion, probe_batch
 from fedbat.clientstore import Template
 from fedbat.compressors import Compressor, TensorSpec, build_pair, wire_plan
 from fedbat.compressors.plan import frozen_specs, module_types
@@ -210,14 +210,12 @@ def build_plan(
 ) -> list[TensorSpec]:
     """The wire plan of ``policy``: which of the task's tensors travel and which of those are
     compressed. Only what trains travels: parameters with gradients, and the buffers that a
-    training step (on a copy, on client 0's first batch) changes or ``policy.travel`` names;
+    training step (on a copy, on :func:`probe_batch`) changes or ``policy.travel`` names;
     that step also refuses a ``training_step`` that cannot be trained, before any work.
     ``convert`` is the precision's input conversion (``bf16-true``: float tensors to bf16)."""
-    p = cfg.policy
-    batches = data.client_batches(0, cfg.fed.batch_size, torch.Generator(), _device(task))
-    batch = next(map(convert, batches), None)
+    p, batch = cfg.policy, probe_batch(data, cfg.fed.batch_size, _device(task))
     buffers = {n for n, _ in task.named_buffers()}
-    changed = probe_training_step(task, batch) if batch is not None else buffers
+    changed = probe_training_step(task, convert(batch)) if batch is not None else buffers
     frozen = {n for n in buffers - changed if not any(fnmatch(n, t) for t in p.travel)}
     frozen |= local_statistics(cfg, task)  # they never leave the clients
     modules = module_types(p.modules)
@@ -248,15 +246,18 @@ def describe_plan(plan: list[TensorSpec], task: torch.nn.Module) -> str | None:
     )
 
 
-def build_datamodule(cfg: DictConfig) -> ClientData:
+def build_datamodule(cfg: DictConfig, split: bool = True) -> ClientData:
     """``datamodule._target_`` (a user's LightningDataModule) split over clients lazily, or
-    the built-in in-memory reader ``data.name``."""
+    the built-in in-memory reader ``data.name``, split over clients unless ``split`` is
+    false (the evaluation data of a server whose clients hold their own data)."""
     if cfg.datamodule.get("_target_"):
         return from_datamodule(instantiate_target(cfg.datamodule, "datamodule"), **split_args(cfg))
     d = OmegaConf.to_container(cfg.data, resolve=True)
     assert isinstance(d, dict)
     d = {k: v for k, v in d.items() if k not in ("label_fn", "client_key")}
     dm = FederatedDataModule(seed=cfg.seed, **d)  # type: ignore[arg-type]
+    if not split:
+        return FederatedDataModule.of(dm.read(), [])
     dm.setup()
     return dm
 
@@ -265,14 +266,9 @@ def split_args(cfg: DictConfig) -> dict[str, Any]:
     """How a user's dataset is split: the ``data`` keys, and ``data.label_fn`` /
     ``data.client_key`` as dotted paths of functions."""
     d = cfg.data
-    out: dict[str, Any] = {
-        "num_clients": d.num_clients,
-        "partition_name": d.partition,
-        "seed": cfg.seed,
-        "alpha": d.alpha,
-        "classes_per_client": d.classes_per_client,
-        "class_assignment": d.class_assignment,
-    }
+    out: dict[str, Any] = {"num_clients": d.num_clients, "partition_name": d.partition}
+    out |= {"seed": cfg.seed, "alpha": d.alpha, "classes_per_client": d.classes_per_client}
+    out["class_assignment"] = d.class_assignment
     for key in ("label_fn", "client_key"):
         if d.get(key):
             out[key] = resolve_function(f"data.{key}", d[key])

@@ -53,7 +53,18 @@ class ClientData(Protocol):
 
     def test_batches(self, batch_size: int, device: Any) -> Iterator[Any] | None: ...
 
-    # optional: ``val_batches(batch_size, device)``, the validation data (None without)
+    # optional: ``val_batches(batch_size, device)``, the validation data (None without);
+    # ``probe_client``, the client whose first batch :func:`probe_batch` takes (default 0)
+
+
+def probe_batch(data: ClientData, batch_size: int, device: Any) -> Any | None:
+    """A batch to try a training step on: a client's first, or, where no client's data is
+    here (a server whose clients hold their own), the evaluation data's first."""
+    client = getattr(data, "probe_client", 0)
+    batch = next(data.client_batches(client, batch_size, torch.Generator(), device), None)
+    if batch is None:
+        batch = next(data.test_batches(batch_size, device) or iter(()), None)
+    return batch
 
 
 @dataclass(kw_only=True)

@@ -46,12 +46,22 @@ def rows(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("compressor", ["none", "fedbat", "ef_signsgd"])
-def test_deployment_matches_fedbat_train(tmp_path, compressor):
+@pytest.mark.parametrize(("compressor", "own_data"), [("none", False), ("fedbat", True)])
+def test_deployment_matches_fedbat_train(tmp_path, compressor, own_data):
     """Clients in their own processes, reached over Flower's wire, train exactly what
     ``fedbat train`` trains: the same history, bit for bit (same threads, same CPU). With 2 of
-    3 clients a round, clients that sat a round out are sent the broadcast they missed."""
-    out = deploy(tmp_path / "flower", f"compressor={compressor}")
+    3 clients a round, clients that sat a round out are sent the broadcast they missed.
+    ``own_data``: each node reads only its own folder (``--write-node-data`` wrote client
+    i's samples there) and the server only a folder of evaluation data, so what every
+    client trained on came from its node's disk. (ef_signsgd's match is the resume test's.)"""
+    args = [f"compressor={compressor}"]
+    if own_data:
+        d = tmp_path / "data"
+        made = ["fedbat", "flower", "--supernodes", "3", "--write-node-data", str(d), *JOB]
+        assert subprocess.run(made, capture_output=True, timeout=120).returncode == 0
+        args += ["--node-data", str(d), "data=tensors", f"data.root={d / 'server'}"]
+        assert not (d / "server" / "train.safetensors").exists()
+    out = deploy(tmp_path / "flower", *args)
     assert out.returncode == 0, out.stdout[-1500:] + out.stderr[-3000:]
     assert "fedbat: done: test/acc final" in out.stdout
     run(make_cfg(tmp_path / "train", *JOB, "data.num_clients=3", f"compressor={compressor}"))

@@ -46,4 +46,4 @@ def normalise(x: torch.Tensor, mean: float | list[float], std: float | list[floa
     return ((x.float() / 255.0) - mean_t) / std_t
 
 
-from fedbat.datamodules.datasets import cifar, digits, fmnist, svhn, synthetic  # noqa: E402,F401
+from fedbat.datamodules.datasets import cifar, digits, fmnist, svhn, synthetic, tensors  # noqa: E402,F401

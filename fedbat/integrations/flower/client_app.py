@@ -1,6 +1,8 @@
 """A Flower ClientApp whose train function is fedbat's local training.
 
-The SuperNode's ``partition-id`` (node config) is the fedbat client it serves. Each train
+The SuperNode's ``partition-id`` (node config) is the fedbat client it serves; it trains on
+its own data when its node config names it (``data-root``, ``datamodule``: ``node_data.py``),
+else on that partition of the configured dataset. Each train
 message brings the round, the client, and the downlink it needs (the broadcasts it missed,
 or the full model); the client rebuilds the weights it holds from what it kept,
 trains with the uplink compressor's hook (FedBAT's learned binarization included), and
@@ -26,6 +28,7 @@ from fedbat.client import ClientJob, train_client
 from fedbat.compressors import decode_update
 from fedbat.compressors.update import SharedSeed
 from fedbat.downlink import FULL, apply_broadcast
+from fedbat.integrations.flower.node_data import node_data
 from fedbat.integrations.flower.node_state import DiskState
 from fedbat.integrations.flower.protocol import (
     RECORD,
@@ -37,29 +40,41 @@ from fedbat.integrations.flower.protocol import (
 )
 
 app = ClientApp()
+NODE_KEYS = ("partition-id", "data-root", "datamodule", "datamodule-args")  # what it trains on
+
+
+def components(context: Context) -> Components:
+    """The run's parts, as the server's are built (one device: a node trains alone), on the
+    node's own data when its node config names it (``node_data.py``)."""
+    node = tuple(str(context.node_config.get(k, "")) for k in NODE_KEYS)
+    return _components(str(context.run_config["config"]), node)
 
 
 @functools.lru_cache(maxsize=1)  # a warm ClientApp process serves many rounds
-def components(config_yaml: str) -> Components:
-    """The run's parts, as the server's are built (one device: a node trains alone)."""
+def _components(config_yaml: str, node: tuple[str, ...]) -> Components:
     cfg = OmegaConf.create(config_yaml)
     if cfg.trainer.get("threads"):
         torch.set_num_threads(int(cfg.trainer.threads))
     t = cfg.trainer
     fabric = L.Fabric(accelerator=t.accelerator, devices=1, precision=t.precision)
-    return build_components(cfg, fabric)
+    own = node_data(dict(zip(NODE_KEYS, node, strict=True)), cfg)
+    return build_components(cfg, fabric, data=own)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Which fedbat client this node serves."""
+    """Which fedbat client this node serves, and, when it holds its own data, how many
+    samples it trains on (its weight in the server's average)."""
     partition = int(context.node_config["partition-id"])
-    return Message(RecordDict({RECORD: ConfigRecord({"partition-id": partition})}), reply_to=msg)
+    answer: dict = {"partition-id": partition}
+    if own_data(context):
+        answer["num-samples"] = components(context).data.client_size(partition)
+    return Message(RecordDict({RECORD: ConfigRecord(answer)}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    side = components(str(context.run_config["config"]))
+    side = components(context)
     request = msg.content.config_records[RECORD]
     client, r = int(request["client"]), int(request["round"])
     partition = int(context.node_config["partition-id"])
@@ -92,6 +107,11 @@ def train(msg: Message, context: Context) -> Message:
             context.state[STATE] = ConfigRecord({"blob": blob, "version": r})
     reply = result_record(result) | echo(request)
     return Message(RecordDict({RECORD: ConfigRecord(reply)}), reply_to=msg)
+
+
+def own_data(context: Context) -> bool:
+    """Whether this node trains on its own data (node config ``data-root`` or ``datamodule``)."""
+    return any(str(context.node_config.get(k, "")) for k in ("data-root", "datamodule"))
 
 
 def on_disk(context: Context) -> bool:

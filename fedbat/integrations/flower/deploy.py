@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import signal
 import sys
@@ -19,40 +18,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fedbat.checkpoint import CHECKPOINT
 from fedbat.config import run_name
+from fedbat.integrations.flower import prepare
+from fedbat.integrations.flower.app import ERROR_FILE, write_app
 from fedbat.integrations.flower.node_state import node_states
 from fedbat.integrations.flower.processes import Deployment, Watch, tail
 from fedbat.integrations.flower.security import Credentials, generate
 from fedbat.rundir import SUMMARY, RunDirLock
-
-APP_TOML = """[build-system]
-requires = ["setuptools>=68"]
-build-backend = "setuptools.build_meta"
-
-[project]
-name = "fedbat-flower"
-version = "{version}"
-description = "fedbat on Flower: compressed federated learning"
-license = "MIT"
-dependencies = []  # fedbat[flower] is installed on every node
-
-[tool.flwr.app]
-publisher = "fedbat"
-
-[tool.flwr.app.components]
-serverapp = "fedbat.integrations.flower.server_app:app"
-clientapp = "fedbat.integrations.flower.client_app:app"
-
-[tool.flwr.app.config]
-round-timeout = {timeout}
-launcher = {launcher}
-clients-persist = {persist}
-error-file = {error_file}
-config = {config}
-"""
 
 
 class Stop(Exception):
@@ -75,6 +50,13 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="a folder of TLS certificates and SuperNode keys (written there when it is empty "
         "or new; default: a throw-away set for this deployment)",
     )
+    parser.add_argument(
+        "--node-data",
+        type=Path,
+        help="SuperNode i trains on DIR/node-<i> alone (node config data-root), and the server "
+        "reads only its evaluation data (the job's data=...)",
+    )
+    prepare.add_arguments(parser)
     return parser.parse_known_args(argv)
 
 
@@ -112,15 +94,18 @@ def job_config(overrides: list[str], supernodes: int) -> DictConfig:
     return cfg
 
 
-def preflight(cfg: DictConfig) -> RunDirLock:
+def preflight(cfg: DictConfig, node_data: Path | None = None) -> RunDirLock:
     """Everything the ServerApp would find wrong, found before any process starts: the run
     dir (unwritable, held by another run, a checkpoint of another job) and the job itself
     (its data, partition, task and training step are built once here). Returns the run
     dir's lock, which the launcher holds for the whole deployment; a dir created only for
-    this check is removed again."""
+    this check is removed again. With ``node_data``, the server's data is its evaluation data
+    alone and each node's folder must hold its training data."""
     from fedbat import rundir
     from fedbat.assembly import build_datamodule, build_plan, build_task
     from fedbat.errors import ConfigError
+    from fedbat.integrations.flower.node_data import node_data as own_data
+    from fedbat.integrations.flower.node_data import server_data
     from fedbat.lifecycle import resume_state
     from fedbat.optimization import ServerSchedule
 
@@ -131,7 +116,9 @@ def preflight(cfg: DictConfig) -> RunDirLock:
     try:
         lock.acquire()
         resume_state(cfg, run_dir)
-        data = build_datamodule(cfg)
+        data = server_data(cfg, {}) if node_data else build_datamodule(cfg)
+        for i in range(cfg.data.num_clients if node_data else 0):  # as node i will read it
+            own_data({"partition-id": i, "data-root": str(node_data / f"node-{i}")}, cfg)
         task = build_task(cfg, data)
         ServerSchedule(task)
         build_plan(cfg, task, data)  # one training step, on a copy
@@ -143,30 +130,6 @@ def preflight(cfg: DictConfig) -> RunDirLock:
     return lock
 
 
-def write_app(cfg: DictConfig, timeout: float, where: Path, persist: bool = False) -> Path:
-    """The Flower app to submit: only its pyproject.toml (the code is the installed fedbat),
-    with the job's resolved config, this launcher's pid (it holds the run dir), the file
-    the ServerApp reports an error in, and whether the nodes kept their state from the run
-    this one resumes (``persist``), as run-config values."""
-    from fedbat import __version__
-
-    app = where / "app"
-    app.mkdir()
-    config = json.dumps(OmegaConf.to_yaml(cfg, resolve=True))  # a valid TOML basic string
-    (app / "pyproject.toml").write_text(
-        APP_TOML.format(
-            version=__version__,
-            timeout=timeout,
-            launcher=os.getpid(),
-            persist=str(persist).lower(),
-            error_file=json.dumps(str(where / ERROR_FILE)),
-            config=config,
-        )
-    )
-    return app
-
-
-ERROR_FILE = "server-error.txt"
 MAX_SUPERNODES = 256  # each a process or two on this host: fedbat train simulates more
 
 
@@ -178,6 +141,8 @@ def check_args(ns: argparse.Namespace) -> str | None:
         )
     if not (math.isfinite(ns.round_timeout) and 0 < ns.round_timeout <= 86400):
         return f"--round-timeout={ns.round_timeout:g}: must be a number of seconds in (0, 86400]"
+    if ns.node_data is not None and "'" in str(ns.node_data.resolve()):
+        return f"--node-data={ns.node_data}: a path with a quote (') cannot be deployed"
     where = ns.credentials
     if where is not None and where.exists():
         if not where.is_dir():
@@ -213,14 +178,18 @@ def main(argv: list[str]) -> int:
         return fail(problem)
     try:
         cfg = job_config(overrides, ns.supernodes)
-        lock = preflight(cfg)
+        if prepare.wanted(ns):  # for a deployment across machines: write, start nothing
+            for line in prepare.write(ns, cfg):
+                print(f"fedbat: wrote {line}")
+            return 0
+        lock = preflight(cfg, ns.node_data)
     except ConfigError as err:
         return fail(str(err))
     try:  # the run dir stays held until every process of the deployment has stopped
         work = Path(tempfile.mkdtemp(prefix="fedbat-flower-"))
         creds = credentials(ns.credentials, ns.supernodes, work)
         states, resumes = node_states(cfg)
-        deployment = Deployment(ns.supernodes, work, creds, states)
+        deployment = Deployment(ns.supernodes, work, creds, states, ns.node_data)
         return deploy(cfg, deployment, ns.round_timeout, persist=resumes)
     finally:
         lock.release()
@@ -242,7 +211,8 @@ def deploy(cfg: DictConfig, deployment: Deployment, timeout: float, persist: boo
     code = 1
     try:
         deployment.start()
-        run = deployment.submit(write_app(cfg, timeout, work, persist))
+        own = deployment.data is not None
+        run = deployment.submit(write_app(cfg, work, timeout, persist=persist, node_data=own))
         watch = Watch(deployment, run, work / ERROR_FILE)
         watch.start()
         assert run.stdout is not None

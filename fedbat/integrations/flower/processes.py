@@ -5,7 +5,6 @@ them, a watch that ends the run when the SuperLink dies, and the teardown."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import secrets
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 
 from fedbat.integrations.flower import watchdog
+from fedbat.integrations.flower.app import flwr_config
 from fedbat.integrations.flower.security import Credentials
 
 
@@ -77,10 +77,16 @@ class Deployment:
     (each node's, before the nodes start); everything that talks to it verifies the CA."""
 
     def __init__(
-        self, supernodes: int, work: Path, creds: Credentials, states: Path | None = None
+        self,
+        supernodes: int,
+        work: Path,
+        creds: Credentials,
+        states: Path | None = None,
+        data: Path | None = None,
     ) -> None:
         self.work, self.n, self.procs, self.creds = work, supernodes, {}, creds
         self.states = states  # node i keeps its state in states/node-<i> (None: its context)
+        self.data = data  # node i trains on data/node-<i> alone (None: its partition)
         self.token = secrets.token_hex(8)
         self.guard = subprocess.Popen(
             [sys.executable, "-m", "fedbat.integrations.flower.watchdog", self.token],
@@ -111,8 +117,9 @@ class Deployment:
     def start_supernode(self, name: str, i: int, ca: Path, key: Path) -> subprocess.Popen:
         """SuperNode ``name`` serving partition ``i``, trusting ``ca``, signing with ``key``."""
         node_config = f"partition-id={i} num-partitions={self.n}"
-        if self.states is not None:  # a TOML literal string: job_config refuses a quote
-            node_config += f" state-dir='{self.states / f'node-{i}'}'"
+        for option, root in (("state-dir", self.states), ("data-root", self.data)):
+            if root is not None:  # a TOML literal string: a quote is refused before
+                node_config += f" {option}='{root.resolve() / f'node-{i}'}'"
         link_at = ["--superlink", f"127.0.0.1:{self.port}", "--root-certificates", str(ca)]
         own = ["--auth-supernode-private-key", str(key), "--port", str(free_port())]
         return self._spawn(name, ["flower-supernode", *link_at, *own, "--node-config", node_config])
@@ -138,9 +145,7 @@ class Deployment:
         home = self.work / "cli"
         home.mkdir(exist_ok=True)
         (home / "config.toml").write_text(
-            '[superlink]\ndefault = "local"\n\n[superlink.local]\n'
-            f'address = "127.0.0.1:{self.port}"\n'
-            f"root-certificates = {json.dumps(str(self.creds.ca))}\n"
+            flwr_config("local", f"127.0.0.1:{self.port}", self.creds.ca)
         )
         return home
 

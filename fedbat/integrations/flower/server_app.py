@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 
 from fedbat.downlink import Delivery
 from fedbat.errors import ConfigError, PeerLost
+from fedbat.integrations.flower.node_data import declared, server_data
 from fedbat.integrations.flower.protocol import (
     RECORD,
     Asked,
@@ -53,8 +54,11 @@ class FlowerTransport:
         round_timeout: float,
         wait_nodes: float = 120.0,
         clients_persist: bool = False,
+        node_data: bool = False,
     ) -> None:
         self.grid, self.round_timeout, self.wait_nodes = grid, round_timeout, wait_nodes
+        self.node_data = node_data  # the nodes hold their data and declare their counts
+        self.sizes: dict[int, int] = {}  # fedbat client -> samples its node declared
         # a node's Flower context lasts one Flower run: only nodes that keep their state on
         # their own disk (node config ``state-dir``) hold it across a resume
         self.clients_persist = clients_persist
@@ -164,8 +168,9 @@ class FlowerTransport:
 
     def _discover(self, num_clients: int) -> set[int]:
         """The SuperNodes online; each new one is asked which client it serves (its
-        ``partition-id``), again in later rounds when it did not answer (its ClientApp may
-        take long to start on a loaded host), up to ``ASK_TRIES`` times. Before the first
+        ``partition-id``, and its sample count when it holds its own data), again in later
+        rounds when it did not answer (its ClientApp may take long to start on a loaded
+        host), up to ``ASK_TRIES`` times. Before the first
         round, waits up to ``wait_nodes`` seconds for a node per client, so that no client
         is missed for having connected late."""
         deadline = time.monotonic() + (self.wait_nodes if not self.asked else 0.0)
@@ -182,9 +187,15 @@ class FlowerTransport:
                 for reply in self.grid.send_and_receive(queries, timeout=60):
                     if reply.has_error() or RECORD not in reply.content.config_records:
                         continue
-                    pid = reply.content.config_records[RECORD].get("partition-id")
-                    if isinstance(pid, int) and 0 <= pid < num_clients:
-                        self.nodes[pid] = reply.metadata.src_node_id
+                    answer = reply.content.config_records[RECORD]
+                    pid, count = answer.get("partition-id"), declared(answer.get("num-samples"))
+                    if not (isinstance(pid, int) and 0 <= pid < num_clients):
+                        continue
+                    if self.node_data:
+                        if count is None:  # no count, no weight: not one of this run's nodes
+                            continue
+                        self.sizes[pid] = count
+                    self.nodes[pid] = reply.metadata.src_node_id
             if len(self.nodes) >= num_clients or time.monotonic() >= deadline:
                 return online
             time.sleep(0.5)
@@ -199,9 +210,11 @@ def main(grid: Grid, context: Context) -> None:
     timeout = float(context.run_config.get("round-timeout", 600))
     launcher = int(context.run_config.get("launcher", 0)) or None  # it holds the run dir
     persist = bool(context.run_config.get("clients-persist", False))
-    transport = FlowerTransport(grid, timeout, clients_persist=persist)
+    own = bool(context.run_config.get("node-data", False))
+    transport = FlowerTransport(grid, timeout, clients_persist=persist, node_data=own)
     try:
-        run(cfg, transport=transport, launcher=launcher)
+        data = server_data(cfg, transport.sizes) if own else None
+        run(cfg, data=data, transport=transport, launcher=launcher)
     except (ConfigError, PeerLost) as err:
         _report(context, f"fedbat: error: {err}")
         raise SystemExit(2 if isinstance(err, ConfigError) else 1) from None
