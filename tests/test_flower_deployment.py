@@ -9,6 +9,7 @@ deployment on 2 cores.
 
 import csv
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from fedbat.integrations.flower import watchdog
 from fedbat.integrations.flower.deploy import deploy as deploy_job
 from fedbat.integrations.flower.deploy import job_config, preflight
 from fedbat.integrations.flower.processes import Deployment, PortTaken, wait_serving
@@ -25,7 +27,7 @@ from fedbat.integrations.flower.security import generate
 from fedbat.lifecycle import run
 from fedbat.rundir import RunDirLock
 from tests.conftest import make_cfg
-from tests.test_readme import blocks, run_block
+from tests.test_readme import across, blocks, run_block
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("FEDBAT_FLOWER_TESTS"),
@@ -249,8 +251,47 @@ def test_a_port_taken_by_another_process_is_named(tmp_path):
 
 
 def test_readme_flower_block_runs_as_written(tmp_path):
-    (block,) = [b for b in blocks() if any(c.startswith("fedbat flower") for c in b)]
+    (block,) = [
+        b for b in blocks() if "fedbat flower --supernodes 3 compressor=fedbat fed.rounds=5" in b
+    ]
     run_block(tmp_path, block)
+
+
+def test_readme_across_machines_block_runs_as_written(tmp_path):
+    """The commands of "Across machines", as written, in one folder: the SuperLink and the
+    SuperNodes in the background (each waits for a SuperLink as it would on its machine),
+    the rest in order. Every node reads only its own folder and the server only the
+    evaluation folder, and the history equals ``fedbat train``'s bit for bit."""
+    token = secrets.token_hex(8)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "FEDBAT_"))}
+    env |= {"HOME": str(tmp_path), watchdog.MARK: token}  # every process marked for cleanup
+    started = []
+    try:
+        for command in across():
+            if command.startswith(("flower-superlink", "flower-supernode")):
+                log = open(tmp_path / f"{len(started)}.log", "w")  # noqa: SIM115
+                started.append(subprocess.Popen(["bash", "-c", command], cwd=tmp_path, env=env,
+                                                 stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
+                if command.startswith("flower-superlink"):
+                    wait_serving(9092, started[-1], "the SuperLink", tmp_path / "0.log")
+                continue
+            out = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env,
+                                 capture_output=True, text=True, timeout=400)  # fmt: skip
+            assert out.returncode == 0, (command, out.stdout[-2000:], out.stderr[-2000:])
+    finally:
+        watchdog.kill_marked(token)
+        for proc in started:
+            proc.wait(timeout=30)
+    assert not (tmp_path / "fl-data" / "server" / "train.safetensors").exists()
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["client-0", "client-1"]
+    (summary,) = (tmp_path / "runs" / "flower").rglob("summary.json")
+    job = ["data.num_clients=2", "fed.clients_per_round=2", "compressor=fedbat", "fed.rounds=3"]
+    run(make_cfg(tmp_path / "train", *job))
+    flower, train = rows(summary.parent), rows(tmp_path / "train")
+    assert len(flower) == len(train) == 3
+    for f, t in zip(flower, train, strict=True):
+        for key in ("clients/accepted", "train/loss", "test/acc", "bits/uplink", "bits/downlink"):
+            assert f[key] == t[key], (key, f["round"])
 
 
 class WithIntruders(Deployment):

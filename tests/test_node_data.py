@@ -52,13 +52,13 @@ def bad_split(path, **change):
 )
 def test_a_bad_split_is_one_line_naming_the_file_and_the_problem(tmp_path, change, message):
     bad_split(tmp_path / "train.safetensors", **change)
-    with pytest.raises(ConfigError, match="train.safetensors") as err:
+    with pytest.raises(ConfigError, match=r"train\.safetensors") as err:
         load("tensors", root=str(tmp_path))
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_a_folder_without_splits_or_with_a_damaged_one_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="holds neither train.safetensors or test"):
+    with pytest.raises(ConfigError, match=r"holds neither train\.safetensors or test"):
         load("tensors", root=str(tmp_path))
     (tmp_path / "test.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"{not json")
     with pytest.raises(ConfigError, match="is not a readable safetensors file"):
@@ -82,7 +82,9 @@ def test_each_node_serves_exactly_the_batches_its_client_trains_on_in_fedbat_tra
         assert node.num_clients == 3 and node.test_batches(8, "cpu") is None
         g1, g2 = torch.Generator().manual_seed(i), torch.Generator().manual_seed(i)
         for (xa, ya), (xb, yb) in zip(
-            node.client_batches(i, 16, g1, "cpu"), whole.client_batches(i, 16, g2, "cpu"), strict=True
+            node.client_batches(i, 16, g1, "cpu"),
+            whole.client_batches(i, 16, g2, "cpu"),
+            strict=True,
         ):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
         with pytest.raises(ValueError, match=f"data is not on this node \\({i}\\)"):

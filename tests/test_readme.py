@@ -52,10 +52,20 @@ def blocks() -> list[list[str]]:
     return [commands(body) for body in re.findall(r"```bash\n(.*?)```", README, re.S)]
 
 
+def across() -> list[str]:
+    """The block of "Across machines": Flower's own commands, with the SuperLink and the
+    SuperNodes running as they do on their machines (test_flower_deployment.py runs it)."""
+    (block,) = [b for b in blocks() if any(c.startswith("flower-superlink") for c in b)]
+    return block
+
+
 def how(command: str) -> str:
-    """``run``, ``ci`` (.ci/run has it verbatim), ``excerpt`` or the reason it is not run."""
+    """``run``, ``ci`` (.ci/run has it verbatim), ``excerpt``, ``across`` or the reason it is
+    not run."""
     if command in CI:
         return "ci"
+    if command in across():
+        return "across"
     if any(command in commands((ROOT / f).read_text()) for f in EXCERPTS):
         return "excerpt"
     if command in NOT_HERE:

@@ -56,6 +56,12 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="SuperNode i trains on DIR/node-<i> alone (node config data-root), and the server "
         "reads only its evaluation data (the job's data=...)",
     )
+    parser.add_argument(
+        "--cold-clients",
+        action="store_true",
+        help="start every ClientApp as a fresh process, as Flower does (default: forks of a "
+        "warm server that imported the stack once)",
+    )
     prepare.add_arguments(parser)
     return parser.parse_known_args(argv)
 
@@ -189,7 +195,8 @@ def main(argv: list[str]) -> int:
         work = Path(tempfile.mkdtemp(prefix="fedbat-flower-"))
         creds = credentials(ns.credentials, ns.supernodes, work)
         states, resumes = node_states(cfg)
-        deployment = Deployment(ns.supernodes, work, creds, states, ns.node_data)
+        warm = not ns.cold_clients
+        deployment = Deployment(ns.supernodes, work, creds, states, ns.node_data, warm)
         return deploy(cfg, deployment, ns.round_timeout, persist=resumes)
     finally:
         lock.release()

@@ -8,15 +8,17 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
-from fedbat.integrations.flower import watchdog
+from fedbat.integrations.flower import warm, watchdog
 from fedbat.integrations.flower.app import flwr_config
 from fedbat.integrations.flower.security import Credentials
 
@@ -83,10 +85,13 @@ class Deployment:
         creds: Credentials,
         states: Path | None = None,
         data: Path | None = None,
+        warm_clients: bool = True,
     ) -> None:
         self.work, self.n, self.procs, self.creds = work, supernodes, {}, creds
         self.states = states  # node i keeps its state in states/node-<i> (None: its context)
         self.data = data  # node i trains on data/node-<i> alone (None: its partition)
+        self.warm_clients = warm_clients  # ClientApps forked from a warm server (warm.py)
+        self.socket: Path | None = None  # that server's
         self.token = secrets.token_hex(8)
         self.guard = subprocess.Popen(
             [sys.executable, "-m", "fedbat.integrations.flower.watchdog", self.token],
@@ -94,6 +99,12 @@ class Deployment:
         )  # fmt: skip
 
     def start(self, tries: int = 3) -> None:
+        """The SuperLink, the nodes' keys registered, the SuperNodes; with ``warm_clients``,
+        their ClientApps are forks of a server that imported the stack once (``warm.py``)."""
+        if self.warm_clients:  # it imports while the SuperLink starts
+            self.socket = Path(tempfile.mkdtemp(prefix="fedbat-warm-")) / "socket"  # 0700
+            server = [sys.executable, "-m", "fedbat.integrations.flower.warm"]
+            self._spawn("warm", [*server, str(self.socket), str(self.work / "bin")])
         for attempt in range(tries):
             self.port = free_port()
             tls = ["--ssl-ca-certfile", str(self.creds.ca), "--ssl-certfile",
@@ -111,6 +122,9 @@ class Deployment:
                 if attempt + 1 == tries:
                     raise
         self._register(range(self.n))
+        deadline = time.monotonic() + 60
+        while self.socket and not self.socket.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)  # until it serves (its stand-in runs Flower's own command before)
         for i in range(self.n):
             self.start_supernode(f"supernode-{i}", i, self.creds.ca, self.creds.node_key(i))
 
@@ -150,11 +164,11 @@ class Deployment:
         return home
 
     def env(self, home: Path) -> dict[str, str]:
-        return os.environ | {
-            "FLWR_HOME": str(home),
-            "PYTHONUNBUFFERED": "1",
-            watchdog.MARK: self.token,
-        }
+        out = os.environ | {"FLWR_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+        if self.socket is not None:  # for a SuperNode's SuperExec: the stand-in comes first
+            path = f"{self.work / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
+            out |= {"PATH": path, warm.SOCKET: str(self.socket)}
+        return out | {watchdog.MARK: self.token}
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         home = self.work / name
@@ -193,6 +207,8 @@ class Deployment:
         assert self.guard.stdin is not None
         self.guard.stdin.close()
         self.guard.wait()
+        if self.socket is not None:
+            shutil.rmtree(self.socket.parent, ignore_errors=True)
 
 
 class Watch(threading.Thread):

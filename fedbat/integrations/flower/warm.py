@@ -1,0 +1,136 @@
+"""Warm ClientApps: a fork server that imports Flower's ClientApp runtime, torch, Lightning
+and fedbat once, and a ``flwr-clientapp`` stand-in that asks it for each of a SuperNode's
+tasks.
+
+A SuperNode (its SuperExec) starts one ``flwr-clientapp`` process per message it receives,
+and each imports the whole stack anew (about 4 s here) before it trains. With the stand-in
+first on the SuperNode's ``PATH`` and ``FEDBAT_WARM_SOCKET`` naming the server's socket,
+each of those processes is instead a fork of the server: the same command line,
+environment, working folder and standard streams, and the stand-in exits with the fork's
+exit code. A fork is a fresh process in all but its imports: nothing of one task reaches
+the next (fedbat's own caches are built in the fork and end with it). When no server
+answers, the stand-in runs Flower's own command, so a node without the server still works.
+
+Start a server for the SuperNodes of one machine with
+``python -m fedbat.integrations.flower.warm SOCKET BIN``: it writes the stand-in to
+``BIN/flwr-clientapp`` and serves until it is stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import socket
+import struct
+import sys
+import traceback
+from pathlib import Path
+
+SOCKET = "FEDBAT_WARM_SOCKET"
+
+STAND_IN = """#!{python} -S
+# fedbat's flwr-clientapp: a fork of the warm server (fedbat/integrations/flower/warm.py)
+import json, os, socket, sys
+try:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(os.environ["{socket}"])
+except (OSError, KeyError):  # no server: Flower's own command
+    os.execv({real!r}, [{real!r}, *sys.argv[1:]])
+ask = {{"argv": ["flwr-clientapp", *sys.argv[1:]], "env": dict(os.environ), "cwd": os.getcwd()}}
+socket.send_fds(s, [json.dumps(ask).encode()], [0, 1, 2])
+code = s.recv(16)
+sys.exit(int(code) if code else 1)
+"""
+
+
+def write_stand_in(folder: Path) -> Path:
+    """``folder/flwr-clientapp``, the stand-in, for the front of a SuperNode's ``PATH``."""
+    elsewhere = [p for p in os.environ.get("PATH", "").split(os.pathsep) if Path(p) != folder]
+    real = shutil.which("flwr-clientapp", path=os.pathsep.join(elsewhere))
+    if real is None:
+        raise RuntimeError("flwr-clientapp not found: Flower is not installed")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "flwr-clientapp"
+    path.write_text(STAND_IN.format(python=sys.executable, socket=SOCKET, real=real))
+    path.chmod(0o755)
+    return path
+
+
+def serve(path: Path) -> None:
+    """Fork a ClientApp for each request on the Unix socket ``path``, until killed. One
+    thread only, so that a fork inherits no lock another thread holds."""
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp  # noqa: F401
+
+    import fedbat.integrations.flower.client_app  # noqa: F401  (torch, Lightning, fedbat)
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    path.unlink(missing_ok=True)
+    server.bind(str(path))  # in a folder of its own user's (0700): no one else may ask
+    server.listen(64)
+    waiting: dict[int, socket.socket] = {}  # a fork's pid -> its stand-in
+    while True:
+        if select.select([server], [], [], 0.05)[0]:
+            conn, _ = server.accept()
+            try:
+                waiting[fork(conn, server)] = conn
+            except (OSError, ValueError):
+                conn.close()  # a request that is not one: its stand-in exits 1
+        while waiting:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            conn = waiting.pop(pid)
+            with contextlib.suppress(OSError):  # its stand-in may be gone
+                conn.send(str(os.waitstatus_to_exitcode(status) % 256).encode())
+            conn.close()
+
+
+def fork(conn: socket.socket, server: socket.socket) -> int:
+    """A child that runs ``flwr-clientapp`` as the stand-in asked, on its streams."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    if struct.unpack("3i", creds)[1] != os.getuid():
+        raise ValueError("a request from another user")
+    msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+    if len(fds) != 3:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError("a request carries the three standard streams")
+    ask = json.loads(msg)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        for fd in fds:
+            os.close(fd)
+        return pid
+    code = 1
+    try:
+        server.close()
+        conn.close()
+        for fd, std in zip(fds, (0, 1, 2), strict=True):
+            os.dup2(fd, std)
+            os.close(fd)
+        os.chdir(ask["cwd"])
+        os.environ.clear()
+        os.environ.update(ask["env"])
+        sys.argv = list(ask["argv"])
+        from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+        flwr_clientapp()
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+if __name__ == "__main__":
+    write_stand_in(Path(sys.argv[2]))
+    serve(Path(sys.argv[1]))
