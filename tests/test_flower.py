@@ -2,6 +2,7 @@
 deployment itself is tested in test_flower_deployment.py."""
 
 import contextlib
+import os
 import socket
 import ssl
 import stat
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from omegaconf import OmegaConf
 from fedbat.checkpoint import CHECKPOINT
 from fedbat.cli import main
 from fedbat.clientstate import ClientState
+from fedbat.integrations.flower import warm
 from fedbat.integrations.flower.node_state import NODES, DiskState, node_states
 from fedbat.integrations.flower.protocol import pack_state
 from fedbat.integrations.flower.security import generate
@@ -218,3 +221,44 @@ def test_node_states_continue_only_a_resume_of_this_run_dir(tmp_path, resume, ha
     root, resumes = node_states(cfg)
     assert root == run_dir / NODES and resumes == kept
     assert (root / "node-0").is_dir() == kept
+
+
+def test_a_warm_server_forks_flowers_clientapp_and_refuses_what_is_not_a_request(tmp_path):
+    """The stand-in asks the warm server, which forks ``flwr-clientapp`` on the stand-in's
+    streams and hands back its exit code; a malformed request is refused alone; without a
+    server the stand-in runs Flower's own command; a socket folder others may use is
+    refused before anything is served."""
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o755)
+    loose.chmod(0o755)
+    server = [sys.executable, "-m", "fedbat.integrations.flower.warm"]
+    out = subprocess.run([*server, str(loose / "s"), str(tmp_path / "bin")], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2 and "others may use it (mode 755)" in out.stderr
+    sock = tmp_path / "private" / "socket"
+    proc = subprocess.Popen([*server, str(sock), str(tmp_path / "bin")], stdout=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert oct(sock.parent.stat().st_mode & 0o777) == "0o700"
+        stand_in = str(tmp_path / "bin" / "flwr-clientapp")
+        env = os.environ | {warm.SOCKET: str(sock)}
+        ok = subprocess.run([stand_in, "--help"], env=env, capture_output=True, text=True)
+        assert ok.returncode == 0 and "usage: flwr-clientapp" in ok.stdout
+        bad = subprocess.run([stand_in, "--bogus"], env=env, capture_output=True, text=True)
+        assert bad.returncode == 2 and "--token" in bad.stderr
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:  # no streams sent
+            s.connect(str(sock))
+            s.send(b'{"argv": ["flwr-clientapp"], "env": {}, "cwd": "/"}')
+            assert s.recv(16) == b""  # refused: closed without an exit code
+        again = subprocess.run([stand_in, "--help"], env=env, capture_output=True, text=True)
+        assert again.returncode == 0  # the server goes on
+        cold = subprocess.run([stand_in, "--help"], env=env | {warm.SOCKET: str(tmp_path / "x")},
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert cold.returncode == 0 and "usage: flwr-clientapp" in cold.stdout
+    finally:
+        proc.kill()
+        log, _ = proc.communicate()
+    assert log.count("forked a ClientApp") == 3 and log.count("refused a request") == 1

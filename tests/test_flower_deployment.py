@@ -258,22 +258,26 @@ def test_readme_flower_block_runs_as_written(tmp_path):
 
 
 def test_readme_across_machines_block_runs_as_written(tmp_path):
-    """The commands of "Across machines", as written, in one folder: the SuperLink and the
-    SuperNodes in the background (each waits for a SuperLink as it would on its machine),
-    the rest in order. Every node reads only its own folder and the server only the
-    evaluation folder, and the history equals ``fedbat train``'s bit for bit."""
+    """The commands of "Across machines", as written, in one folder: the SuperLink, the warm
+    ClientApp server and the SuperNodes in the background (each waits for what it needs as it
+    would on its machine), the rest in order. Every node reads only its own folder and the
+    server only the evaluation folder; every ClientApp is a fork of the warm server; and the
+    history equals ``fedbat train``'s bit for bit."""
     token = secrets.token_hex(8)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "FEDBAT_"))}
     env |= {"HOME": str(tmp_path), watchdog.MARK: token}  # every process marked for cleanup
     started = []
     try:
         for command in across():
-            if command.startswith(("flower-superlink", "flower-supernode")):
+            if any(s in command for s in ("flower-super", "flower.warm")):  # they serve
                 log = open(tmp_path / f"{len(started)}.log", "w")  # noqa: SIM115
                 started.append(subprocess.Popen(["bash", "-c", command], cwd=tmp_path, env=env,
                                                  stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
                 if command.startswith("flower-superlink"):
                     wait_serving(9092, started[-1], "the SuperLink", tmp_path / "0.log")
+                while "flower.warm" in command and not (tmp_path / "warm" / "socket").exists():
+                    assert started[-1].poll() is None, log.name
+                    time.sleep(0.1)
                 continue
             out = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env,
                                  capture_output=True, text=True, timeout=400)  # fmt: skip
@@ -284,6 +288,8 @@ def test_readme_across_machines_block_runs_as_written(tmp_path):
             proc.wait(timeout=30)
     assert not (tmp_path / "fl-data" / "server" / "train.safetensors").exists()
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["client-0", "client-1"]
+    forks = (tmp_path / "1.log").read_text().count("fedbat: warm: forked a ClientApp")
+    assert forks >= 2 * 3, forks  # each client's 3 rounds, and the queries
     (summary,) = (tmp_path / "runs" / "flower").rglob("summary.json")
     job = ["data.num_clients=2", "fed.clients_per_round=2", "compressor=fedbat", "fed.rounds=3"]
     run(make_cfg(tmp_path / "train", *job))

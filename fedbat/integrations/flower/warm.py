@@ -13,7 +13,8 @@ answers, the stand-in runs Flower's own command, so a node without the server st
 
 Start a server for the SuperNodes of one machine with
 ``python -m fedbat.integrations.flower.warm SOCKET BIN``: it writes the stand-in to
-``BIN/flwr-clientapp`` and serves until it is stopped.
+``BIN/flwr-clientapp`` and serves until it is stopped, on a socket in a folder of its
+user's alone (created 0700; one others may use is refused), and forks only for that user.
 """
 
 from __future__ import annotations
@@ -68,16 +69,20 @@ def serve(path: Path) -> None:
 
     server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     path.unlink(missing_ok=True)
-    server.bind(str(path))  # in a folder of its own user's (0700): no one else may ask
+    server.bind(str(path))
     server.listen(64)
     waiting: dict[int, socket.socket] = {}  # a fork's pid -> its stand-in
     while True:
         if select.select([server], [], [], 0.05)[0]:
             conn, _ = server.accept()
             try:
-                waiting[fork(conn, server)] = conn
-            except (OSError, ValueError):
-                conn.close()  # a request that is not one: its stand-in exits 1
+                pid = fork(conn, server)
+            except (OSError, ValueError) as err:
+                print(f"fedbat: warm: refused a request: {err}", flush=True)
+                conn.close()  # its stand-in exits 1
+                continue
+            waiting[pid] = conn
+            print(f"fedbat: warm: forked a ClientApp (pid {pid})", flush=True)
         while waiting:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
@@ -131,6 +136,20 @@ def fork(conn: socket.socket, server: socket.socket) -> int:
         os._exit(code)
 
 
+def private(path: Path) -> str:
+    """What is wrong with serving on ``path`` ('' when nothing): its folder must be its
+    user's alone, since whoever can connect has a ClientApp run as this user."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.parent.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        return f"{path.parent}: others may use it (mode {info.st_mode & 0o777:o}); chmod 700 it"
+    return ""
+
+
 if __name__ == "__main__":
+    problem = "usage: python -m fedbat.integrations.flower.warm SOCKET BIN"
+    if len(sys.argv) != 3 or (problem := private(Path(sys.argv[1]))):
+        print(f"fedbat: error: {problem}", file=sys.stderr)
+        sys.exit(2)
     write_stand_in(Path(sys.argv[2]))
     serve(Path(sys.argv[1]))
