@@ -83,6 +83,7 @@ def test_a_400_mb_packet_travels_both_ways(tmp_path):
     """A 100M-parameter MLP (401 MB in fp32) with compressor=none: its full model goes down
     and its whole update comes back through Flower's messages (gRPC's limit is 2 GB)."""
     cmd = ["fedbat", "flower", "--supernodes", "1", "fed.rounds=1", "model.hidden=1400000",
+           "data=synthetic", "data.train_size=256", "data.test_size=64",  # one local step
            "fed.local_epochs=1", "fed.batch_size=256", "trainer.threads=2",
            f"run_dir={tmp_path}"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

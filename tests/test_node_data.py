@@ -123,8 +123,9 @@ def test_a_node_may_name_its_own_lightning_datamodule(tmp_path):
     assert node is not None and node.client_size(1) == 1437  # the module's whole train set
     batch = next(node.client_batches(1, 16, torch.Generator(), "cpu"))  # the module's dicts
     assert batch["image"].shape == (16, 1, 8, 8)
-    with pytest.raises(ConfigError, match="datamodule-args: must be a JSON object"):
-        node_data(config | {"datamodule-args": "[1]"}, cfg)
+    for args in ("[1]", "{batch_size: 16}"):
+        with pytest.raises(ConfigError, match="datamodule-args: must be a JSON object"):
+            node_data(config | {"datamodule-args": args}, cfg)
     with pytest.raises(ConfigError, match="give data-root or datamodule, not both"):
         node_data(config | {"data-root": str(tmp_path)}, cfg)
     assert node_data({"partition-id": "1"}, cfg) is None  # the partition-id mode

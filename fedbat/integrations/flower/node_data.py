@@ -90,7 +90,10 @@ def node_data(node_config: Mapping[str, Any], cfg: DictConfig) -> NodeData | Non
             raise ConfigError(f"node config data-root={root}: holds no train.safetensors")
         local: ClientData = FederatedDataModule.of(splits, [torch.arange(len(splits.y_train))])
     elif target:
-        args = json.loads(str(node_config.get("datamodule-args", "")) or "{}")
+        try:
+            args = json.loads(str(node_config.get("datamodule-args", "")) or "{}")
+        except json.JSONDecodeError:
+            args = None
         if not isinstance(args, dict):
             raise ConfigError("node config datamodule-args: must be a JSON object")
         module = instantiate_target(OmegaConf.create({"_target_": target, **args}), "datamodule")
