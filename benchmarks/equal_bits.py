@@ -121,13 +121,15 @@ def row(budget: str, name: str, dirs: list[Path], coords: int) -> str:
     )
 
 
+SEEDS = (0, 1)  # the grid's: a render shows them all, whichever --seeds trained
+
+
 def render(args: argparse.Namespace) -> None:
     from fedbat.models import build
 
     coords = sum(p.numel() for p in build("cnn4", (1, 28, 28), 10).state_dict().values())
-    seeds = args.seeds.split(",")
     out = []
-    for part in PARTITIONS:  # all of them: the block is rewritten whole
+    for part in PARTITIONS:  # all of them, every seed: the block is rewritten whole
         out += [
             f"### {part}{' 0.3' if part == 'dirichlet' else ''}",
             "",
@@ -137,7 +139,7 @@ def render(args: argparse.Namespace) -> None:
         ]
         missing, dirs_all = [], []
         for budget, name, _ in GRID:
-            dirs = [args.record / part / name / f"seed{s}" for s in seeds]
+            dirs = [args.record / part / name / f"seed{s}" for s in SEEDS]
             done = [d for d in dirs if (d / SUMMARY).is_file()]
             missing += [f"{name} seed {d.name[4:]}" for d in dirs if d not in done]
             if done:
@@ -161,7 +163,7 @@ def render(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="to train")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     p.add_argument("--partitions", default=",".join(PARTITIONS), help=f"of {list(PARTITIONS)}")
     p.add_argument(
