@@ -2,9 +2,8 @@
 127.0.0.1, started by ``fedbat flower``.
 
 They run with FEDBAT_FLOWER_TESTS=1 (``.ci/run`` runs this file so, after the suite);
-otherwise they skip with the reason, so that the suite stays fast: every client round is a
-fresh ClientApp process (Python, torch and Lightning imported anew), about a minute per
-deployment on 2 cores.
+otherwise they skip with the reason, so that the suite stays fast: each starts a SuperLink,
+SuperNodes and Flower's own processes, about a minute per deployment on 2 cores.
 """
 
 import csv
