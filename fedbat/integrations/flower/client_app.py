@@ -67,8 +67,10 @@ def query(msg: Message, context: Context) -> Message:
     samples it trains on (its weight in the server's average)."""
     partition = int(context.node_config["partition-id"])
     answer: dict = {"partition-id": partition}
-    if own_data(context):
-        answer["num-samples"] = components(context).data.client_size(partition)
+    if own_data(context):  # the data alone: no model or training step to count samples
+        cfg = OmegaConf.create(str(context.run_config["config"]))
+        own = node_data(dict(context.node_config), cfg)
+        answer["num-samples"] = own.client_size(partition) if own is not None else 0
     return Message(RecordDict({RECORD: ConfigRecord(answer)}), reply_to=msg)
 
 
