@@ -3,7 +3,9 @@
 
 They run with FEDBAT_FLOWER_TESTS=1 (``.ci/run`` runs this file so, after the suite);
 otherwise they skip with the reason, so that the suite stays fast: each starts a SuperLink,
-SuperNodes and Flower's own processes, about a minute per deployment on 2 cores.
+SuperNodes and Flower's own processes, about a minute per deployment on 2 cores. They are
+mostly waiting, so ``.ci/run`` runs two at a time (``-n 2``): each test sees, signals and
+counts only the processes it started (``TAG``).
 """
 
 import csv
@@ -31,10 +33,38 @@ from tests.test_readme import across, blocks, run_block
 pytestmark = pytest.mark.skipif(
     not os.environ.get("FEDBAT_FLOWER_TESTS"),
     reason="real Flower deployments take minutes: FEDBAT_FLOWER_TESTS=1 python -m pytest "
-    "tests/test_flower_deployment.py (.ci/run does)",
+    "tests/test_flower_deployment.py -n 2 (.ci/run does)",
 )
 
 JOB = ["fed.rounds=3", "fed.clients_per_round=2", "trainer.threads=1", "model.hidden=1024"]
+TAG = "FEDBAT_TEST_DEPLOYMENT"
+
+
+@pytest.fixture(autouse=True)
+def _tagged(monkeypatch):
+    """Every process the test starts inherits its own tag, as the deployment's processes
+    inherit the guard's mark: tests running side by side never touch each other's."""
+    monkeypatch.setenv(TAG, secrets.token_hex(8))
+
+
+def own(*needles: str) -> list[int]:
+    """This test's processes whose command line holds one of ``needles`` (a zombie left to
+    an init that does not reap is not running)."""
+    found = []
+    for pid in watchdog.marked(os.environ[TAG], TAG):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue  # gone
+        if state != "Z" and any(n in args for n in needles):
+            found.append(pid)
+    return found
+
+
+def flower_processes() -> list[int]:
+    """This test's Flower processes still running."""
+    return own("flower-super", "flwr-")
 
 
 def deploy(run_dir: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -94,16 +124,6 @@ def test_a_400_mb_packet_travels_both_ways(tmp_path):
         assert model_bytes <= float(r[f"flower/{way}_bytes"]) <= 1.001 * model_bytes + 4096
 
 
-def flower_processes() -> list[str]:
-    """Flower processes still running (a zombie left to an init that does not reap is not)."""
-    ps = subprocess.run(["ps", "-ww", "-eo", "stat,args"], capture_output=True, text=True).stdout
-    return [
-        p
-        for p in ps.splitlines()
-        if ("flower-super" in p or "flwr-" in p) and not p.startswith("Z")
-    ]
-
-
 def wait_rounds(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -127,9 +147,8 @@ def test_a_killed_client_is_rejected_alone_and_sigterm_stops_cleanly(tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_rounds(run_dir, 1, proc)
     killed = time.monotonic()
-    node = subprocess.run(["pgrep", "-f", "partition-id=1 "], capture_output=True, text=True)
-    for pid in node.stdout.split():
-        os.killpg(int(pid), signal.SIGKILL)
+    for pid in own("partition-id=1 "):
+        os.killpg(pid, signal.SIGKILL)
     wait_rounds(run_dir, 3, proc, timeout=300)
     assert time.monotonic() - killed < 240  # not 600 s a round
     proc.send_signal(signal.SIGTERM)
@@ -149,11 +168,13 @@ def test_a_killed_client_is_rejected_alone_and_sigterm_stops_cleanly(tmp_path):
 
 
 def test_a_deployment_killed_mid_run_resumes_bitwise_from_the_nodes_disks(tmp_path):
-    """SIGKILL of the whole deployment (the launcher; its guard kills every other process)
-    once round 2 of 4 is checkpointed, as round 3's clients train and write their state: the
-    same command resumes, each node reading the state it kept on its disk (the weights it
-    holds, its error-feedback residuals; a blob the killed round wrote is passed over), and
-    the whole history equals an uninterrupted ``fedbat train`` bit for bit."""
+    """SIGKILL of the whole deployment (``kill -9`` of the launcher) once round 2 of 4 is
+    checkpointed, as round 3's clients train and write their state: its guard stops every
+    process of the deployment (SuperExec's ServerApp and ClientApps too) and the run dir is
+    free again. The same command resumes, each node reading the state it kept on its disk
+    (the weights it holds, its error-feedback residuals; a blob the killed round wrote is
+    passed over), and the whole history equals an uninterrupted ``fedbat train`` bit for
+    bit."""
     run_dir = tmp_path / "flower"
     job = ["fed.rounds=4", "compressor=ef_signsgd"]
     cmd = ["fedbat", "flower", "--supernodes", "3", *JOB, *job, f"run_dir={run_dir}"]
@@ -167,6 +188,8 @@ def test_a_deployment_killed_mid_run_resumes_bitwise_from_the_nodes_disks(tmp_pa
     deadline = time.monotonic() + 20
     while flower_processes() and time.monotonic() < deadline:
         time.sleep(0.2)
+    assert not flower_processes()
+    assert RunDirLock(run_dir).holder() is None
     done = len(rows(run_dir))
     assert 2 <= done < 4
     out = deploy(run_dir, *job)
@@ -181,29 +204,13 @@ def test_a_deployment_killed_mid_run_resumes_bitwise_from_the_nodes_disks(tmp_pa
     assert all(r["clients/rejected"] == "0" for r in flower)
 
 
-def test_sigkill_of_the_launcher_leaves_no_flower_process(tmp_path):
-    """``kill -9`` of ``fedbat flower``: its guard stops every process of the deployment
-    (SuperExec's ServerApp and ClientApps too), and the run dir is free again."""
-    run_dir = tmp_path / "run"
-    cmd = ["fedbat", "flower", "--supernodes", "2", *JOB, "fed.rounds=50", f"run_dir={run_dir}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_rounds(run_dir, 1, proc)
-    assert flower_processes()
-    proc.kill()
-    proc.wait()
-    deadline = time.monotonic() + 20
-    while flower_processes() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not flower_processes()
-    assert RunDirLock(run_dir).holder() is None
-
-
 def test_a_dead_superlink_ends_the_deployment_in_one_line(tmp_path):
     run_dir = tmp_path / "run"
     cmd = ["fedbat", "flower", "--supernodes", "2", *JOB, "fed.rounds=50", f"run_dir={run_dir}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_rounds(run_dir, 1, proc)
-    subprocess.run(["pkill", "-9", "-f", "flower-superlink"], check=False)
+    for pid in own("flower-superlink"):
+        os.kill(pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
     last = err.strip().splitlines()[-1]

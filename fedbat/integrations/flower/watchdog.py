@@ -21,9 +21,9 @@ import time
 MARK = "FEDBAT_DEPLOYMENT"
 
 
-def marked(token: str) -> list[int]:
-    """The processes whose environment holds ``FEDBAT_DEPLOYMENT=<token>`` (Linux /proc)."""
-    needle = f"{MARK}={token}".encode()
+def marked(token: str, mark: str = MARK) -> list[int]:
+    """The processes whose environment holds ``<mark>=<token>`` (Linux /proc)."""
+    needle = f"{mark}={token}".encode()
     out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
