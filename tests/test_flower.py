@@ -262,3 +262,24 @@ def test_a_warm_server_forks_flowers_clientapp_and_refuses_what_is_not_a_request
         proc.kill()
         log, _ = proc.communicate()
     assert log.count("forked a ClientApp") == 3 and log.count("refused a request") == 1
+
+
+def test_message_bytes_is_flowers_serialisation_of_every_object(monkeypatch):
+    """A message's wire bytes, each object's id computed once, equal the lengths of Flower's
+    own serialisation of every object of its tree, counted the slow way (every id
+    recomputed), and hold the payload."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedbat.integrations.flower.server_app import message_bytes
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)  # as in a ServerApp
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 3)
+    records = {"a": ConfigRecord({"packet": os.urandom(1 << 20), "round": 3, "nonce": "ab"}),
+               "b": ConfigRecord({"x": 1.5})}  # fmt: skip
+    message = Message(RecordDict(records), dst_node_id=2, message_type=MessageType.TRAIN)
+    slow = sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+    assert message_bytes(message) == message_bytes(message) == slow
+    assert 1 << 20 < slow < (1 << 20) + 4096

@@ -22,6 +22,8 @@ from fedbat.integrations.flower import warm, watchdog
 from fedbat.integrations.flower.app import flwr_config
 from fedbat.integrations.flower.security import Credentials
 
+POLL = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's, in seconds: a task waits half of it
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -165,6 +167,7 @@ class Deployment:
 
     def env(self, home: Path) -> dict[str, str]:
         out = os.environ | {"FLWR_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+        out.setdefault(POLL, "0.25")  # SuperExec asks for new tasks 4 times a second, not once
         if self.socket is not None:  # for a SuperNode's SuperExec: the stand-in comes first
             path = f"{self.work / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
             out |= {"PATH": path, warm.SOCKET: str(self.socket)}

@@ -19,7 +19,10 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_object import (
+    get_all_nested_objects,
+    no_object_id_recompute,
+)
 from omegaconf import OmegaConf
 
 from fedbat.downlink import Delivery
@@ -41,8 +44,12 @@ ASK_TRIES = 3  # queries to a node that does not say which client it serves
 
 def message_bytes(message: Message) -> int:
     """The bytes Flower moves for ``message``: every object of its tree (the message, its
-    records, their contents) as Flower serialises them for the wire."""
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+    records, their contents) as Flower serialises them for the wire. Each object's id is
+    computed once (a record's id is the hash of its serialised form, which Flower otherwise
+    recomputes for every parent that names it: a 420 MB model was serialised about a dozen
+    times to be counted)."""
+    with no_object_id_recompute():
+        return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
 
 
 class FlowerTransport:
