@@ -223,11 +223,12 @@ def test_node_states_continue_only_a_resume_of_this_run_dir(tmp_path, resume, ha
     assert (root / "node-0").is_dir() == kept
 
 
-def test_a_warm_server_forks_flowers_clientapp_and_refuses_what_is_not_a_request(tmp_path):
-    """The stand-in asks the warm server, which forks ``flwr-clientapp`` on the stand-in's
-    streams and hands back its exit code; a malformed request is refused alone; without a
-    server the stand-in runs Flower's own command; a socket folder others may use is
-    refused before anything is served."""
+def test_a_warm_server_forks_flowers_apps_and_refuses_what_is_not_a_request(tmp_path):
+    """A stand-in asks the warm server, which forks ``flwr-clientapp`` (or
+    ``flwr-serverapp``) on the stand-in's streams and hands back its exit code; a malformed
+    request, or one for another program, is refused alone; without a server the stand-in
+    runs Flower's own command; a socket folder others may use is refused before anything is
+    served."""
     loose = tmp_path / "loose"
     loose.mkdir(mode=0o755)
     loose.chmod(0o755)
@@ -253,6 +254,14 @@ def test_a_warm_server_forks_flowers_clientapp_and_refuses_what_is_not_a_request
             s.connect(str(sock))
             s.send(b'{"argv": ["flwr-clientapp"], "env": {}, "cwd": "/"}')
             assert s.recv(16) == b""  # refused: closed without an exit code
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:  # another program
+            s.connect(str(sock))
+            ask = b'{"argv": ["sh", "-c", "id"], "env": {}, "cwd": "/"}'
+            socket.send_fds(s, [ask], [0, 1, 2])
+            assert s.recv(16) == b""
+        server_app = str(tmp_path / "bin" / "flwr-serverapp")
+        ok = subprocess.run([server_app, "--help"], env=env, capture_output=True, text=True)
+        assert ok.returncode == 0 and "usage: flwr-serverapp" in ok.stdout
         again = subprocess.run([stand_in, "--help"], env=env, capture_output=True, text=True)
         assert again.returncode == 0  # the server goes on
         cold = subprocess.run([stand_in, "--help"], env=env | {warm.SOCKET: str(tmp_path / "x")},
@@ -261,7 +270,8 @@ def test_a_warm_server_forks_flowers_clientapp_and_refuses_what_is_not_a_request
     finally:
         proc.kill()
         log, _ = proc.communicate()
-    assert log.count("forked a ClientApp") == 3 and log.count("refused a request") == 1
+    assert log.count("forked flwr-clientapp") == 3 and log.count("refused a request") == 2
+    assert log.count("forked flwr-serverapp") == 1 and "not one of" in log
 
 
 def test_message_bytes_is_flowers_serialisation_of_every_object(monkeypatch):

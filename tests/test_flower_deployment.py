@@ -295,7 +295,7 @@ def test_readme_across_machines_block_runs_as_written(tmp_path):
             proc.wait(timeout=30)
     assert not (tmp_path / "fl-data" / "server" / "train.safetensors").exists()
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["client-0", "client-1"]
-    forks = (tmp_path / "1.log").read_text().count("fedbat: warm: forked a ClientApp")
+    forks = (tmp_path / "1.log").read_text().count("fedbat: warm: forked flwr-clientapp")
     assert forks >= 2 * 3, forks  # each client's 3 rounds, and the queries
     (summary,) = (tmp_path / "runs" / "flower").rglob("summary.json")
     job = ["data.num_clients=2", "fed.clients_per_round=2", "compressor=fedbat", "fed.rounds=3"]

@@ -59,8 +59,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument(
         "--cold-clients",
         action="store_true",
-        help="start every ClientApp as a fresh process, as Flower does (default: forks of a "
-        "warm server that imported the stack once)",
+        help="start every ClientApp and the ServerApp as a fresh process, as Flower does "
+        "(default: forks of a warm server that imported the stack once)",
     )
     prepare.add_arguments(parser)
     return parser.parse_known_args(argv)

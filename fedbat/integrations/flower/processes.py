@@ -92,7 +92,7 @@ class Deployment:
         self.work, self.n, self.procs, self.creds = work, supernodes, {}, creds
         self.states = states  # node i keeps its state in states/node-<i> (None: its context)
         self.data = data  # node i trains on data/node-<i> alone (None: its partition)
-        self.warm_clients = warm_clients  # ClientApps forked from a warm server (warm.py)
+        self.warm_clients = warm_clients  # apps forked from a warm server (warm.py)
         self.socket: Path | None = None  # that server's
         self.token = secrets.token_hex(8)
         self.guard = subprocess.Popen(
@@ -102,7 +102,8 @@ class Deployment:
 
     def start(self, tries: int = 3) -> None:
         """The SuperLink, the nodes' keys registered, the SuperNodes; with ``warm_clients``,
-        their ClientApps are forks of a server that imported the stack once (``warm.py``)."""
+        their ClientApps and the ServerApp are forks of a server that imported the stack once
+        (``warm.py``)."""
         if self.warm_clients:  # it imports while the SuperLink starts
             self.socket = Path(tempfile.mkdtemp(prefix="fedbat-warm-")) / "socket"  # 0700
             server = [sys.executable, "-m", "fedbat.integrations.flower.warm"]
@@ -168,7 +169,7 @@ class Deployment:
     def env(self, home: Path) -> dict[str, str]:
         out = os.environ | {"FLWR_HOME": str(home), "PYTHONUNBUFFERED": "1"}
         out.setdefault(POLL, "0.25")  # SuperExec asks for new tasks 4 times a second, not once
-        if self.socket is not None:  # for a SuperNode's SuperExec: the stand-in comes first
+        if self.socket is not None:  # for every SuperExec: the stand-ins come first
             path = f"{self.work / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
             out |= {"PATH": path, warm.SOCKET: str(self.socket)}
         return out | {watchdog.MARK: self.token}

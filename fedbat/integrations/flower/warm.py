@@ -1,25 +1,27 @@
-"""Warm ClientApps: a fork server that imports Flower's ClientApp runtime, torch, Lightning
-and fedbat once, and a ``flwr-clientapp`` stand-in that asks it for each of a SuperNode's
-tasks.
+"""Warm apps: a fork server that imports Flower's app runtimes, torch, Lightning and fedbat
+once, and ``flwr-clientapp`` and ``flwr-serverapp`` stand-ins that ask it for each task.
 
 A SuperNode (its SuperExec) starts one ``flwr-clientapp`` process per message it receives,
-and each imports the whole stack anew (about 4 s here) before it trains. With the stand-in
-first on the SuperNode's ``PATH`` and ``FEDBAT_WARM_SOCKET`` naming the server's socket,
-each of those processes is instead a fork of the server: the same command line,
+and each imports the whole stack anew (about 4 s here) before it trains; the SuperLink's
+starts a ``flwr-serverapp`` per run, as costly. With the stand-ins first on their ``PATH``
+and ``FEDBAT_WARM_SOCKET`` naming the server's socket, each of those processes is instead
+a fork of the server: the same command line,
 environment, working folder and standard streams, and the stand-in exits with the fork's
 exit code. A fork is a fresh process in all but its imports: nothing of one task reaches
 the next (fedbat's own caches are built in the fork and end with it). When no server
 answers, the stand-in runs Flower's own command, so a node without the server still works.
 
 Start a server for the SuperNodes of one machine with
-``python -m fedbat.integrations.flower.warm SOCKET BIN``: it writes the stand-in to
-``BIN/flwr-clientapp`` and serves until it is stopped, on a socket in a folder of its
-user's alone (created 0700; one others may use is refused), and forks only for that user.
+``python -m fedbat.integrations.flower.warm SOCKET BIN``: it writes the stand-ins to
+``BIN/flwr-clientapp`` and ``BIN/flwr-serverapp`` and serves until it is stopped, on a
+socket in a folder of its user's alone (created 0700; one others may use is refused), and
+forks only for that user.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import select
@@ -31,41 +33,48 @@ import traceback
 from pathlib import Path
 
 SOCKET = "FEDBAT_WARM_SOCKET"
+APPS = {  # what the server forks: Flower's own entry points
+    "flwr-clientapp": ("flwr.supernode.cli.flwr_clientapp", "flwr_clientapp"),
+    "flwr-serverapp": ("flwr.superlink.cli.flwr_serverapp", "flwr_serverapp"),
+}
 
 STAND_IN = """#!{python} -S
-# fedbat's flwr-clientapp: a fork of the warm server (fedbat/integrations/flower/warm.py)
+# fedbat's {name}: a fork of the warm server (fedbat/integrations/flower/warm.py)
 import json, os, socket, sys
 try:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.connect(os.environ["{socket}"])
 except (OSError, KeyError):  # no server: Flower's own command
     os.execv({real!r}, [{real!r}, *sys.argv[1:]])
-ask = {{"argv": ["flwr-clientapp", *sys.argv[1:]], "env": dict(os.environ), "cwd": os.getcwd()}}
+ask = {{"argv": ["{name}", *sys.argv[1:]], "env": dict(os.environ), "cwd": os.getcwd()}}
 socket.send_fds(s, [json.dumps(ask).encode()], [0, 1, 2])
 code = s.recv(16)
 sys.exit(int(code) if code else 1)
 """
 
 
-def write_stand_in(folder: Path) -> Path:
-    """``folder/flwr-clientapp``, the stand-in, for the front of a SuperNode's ``PATH``."""
+def write_stand_ins(folder: Path) -> None:
+    """``folder/flwr-clientapp`` and ``folder/flwr-serverapp``, the stand-ins, for the front
+    of a SuperNode's or SuperLink's ``PATH``."""
     elsewhere = [p for p in os.environ.get("PATH", "").split(os.pathsep) if Path(p) != folder]
-    real = shutil.which("flwr-clientapp", path=os.pathsep.join(elsewhere))
-    if real is None:
-        raise RuntimeError("flwr-clientapp not found: Flower is not installed")
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "flwr-clientapp"
-    path.write_text(STAND_IN.format(python=sys.executable, socket=SOCKET, real=real))
-    path.chmod(0o755)
-    return path
+    for name in APPS:
+        real = shutil.which(name, path=os.pathsep.join(elsewhere))
+        if real is None:
+            raise RuntimeError(f"{name} not found: Flower is not installed")
+        text = STAND_IN.format(python=sys.executable, socket=SOCKET, real=real, name=name)
+        (folder / name).write_text(text)
+        (folder / name).chmod(0o755)
 
 
 def serve(path: Path) -> None:
-    """Fork a ClientApp for each request on the Unix socket ``path``, until killed. One
-    thread only, so that a fork inherits no lock another thread holds."""
-    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp  # noqa: F401
+    """Fork an app for each request on the Unix socket ``path``, until killed. One thread
+    only, so that a fork inherits no lock another thread holds."""
+    import fedbat.integrations.flower.client_app  # torch, Lightning, fedbat
+    import fedbat.integrations.flower.server_app  # noqa: F401
 
-    import fedbat.integrations.flower.client_app  # noqa: F401  (torch, Lightning, fedbat)
+    for module, _ in APPS.values():
+        importlib.import_module(module)
 
     server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     path.unlink(missing_ok=True)
@@ -76,13 +85,13 @@ def serve(path: Path) -> None:
         if select.select([server], [], [], 0.05)[0]:
             conn, _ = server.accept()
             try:
-                pid = fork(conn, server)
+                pid, name = fork(conn, server)
             except (OSError, ValueError) as err:
                 print(f"fedbat: warm: refused a request: {err}", flush=True)
                 conn.close()  # its stand-in exits 1
                 continue
             waiting[pid] = conn
-            print(f"fedbat: warm: forked a ClientApp (pid {pid})", flush=True)
+            print(f"fedbat: warm: forked {name} (pid {pid})", flush=True)
         while waiting:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
@@ -93,8 +102,8 @@ def serve(path: Path) -> None:
             conn.close()
 
 
-def fork(conn: socket.socket, server: socket.socket) -> int:
-    """A child that runs ``flwr-clientapp`` as the stand-in asked, on its streams."""
+def fork(conn: socket.socket, server: socket.socket) -> tuple[int, str]:
+    """A child that runs the app the stand-in named, as it asked, on its streams."""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     if struct.unpack("3i", creds)[1] != os.getuid():
         raise ValueError("a request from another user")
@@ -104,13 +113,19 @@ def fork(conn: socket.socket, server: socket.socket) -> int:
             os.close(fd)
         raise ValueError("a request carries the three standard streams")
     ask = json.loads(msg)
+    argv = ask.get("argv") if isinstance(ask, dict) else None
+    name = argv[0] if isinstance(argv, list) and argv else None
+    if name not in APPS:  # the stand-ins name one of them first
+        for fd in fds:
+            os.close(fd)
+        raise ValueError(f"asked for {name!r}, not one of {sorted(APPS)}")
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid:
         for fd in fds:
             os.close(fd)
-        return pid
+        return pid, name
     code = 1
     try:
         server.close()
@@ -122,9 +137,8 @@ def fork(conn: socket.socket, server: socket.socket) -> int:
         os.environ.clear()
         os.environ.update(ask["env"])
         sys.argv = list(ask["argv"])
-        from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
-
-        flwr_clientapp()
+        module, entry = APPS[name]
+        getattr(importlib.import_module(module), entry)()
         code = 0
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
@@ -151,5 +165,5 @@ if __name__ == "__main__":
     if len(sys.argv) != 3 or (problem := private(Path(sys.argv[1]))):
         print(f"fedbat: error: {problem}", file=sys.stderr)
         sys.exit(2)
-    write_stand_in(Path(sys.argv[2]))
+    write_stand_ins(Path(sys.argv[2]))
     serve(Path(sys.argv[1]))
