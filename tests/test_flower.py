@@ -254,11 +254,12 @@ def test_a_warm_server_forks_flowers_apps_and_refuses_what_is_not_a_request(tmp_
             s.connect(str(sock))
             s.send(b'{"argv": ["flwr-clientapp"], "env": {}, "cwd": "/"}')
             assert s.recv(16) == b""  # refused: closed without an exit code
-        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:  # another program
-            s.connect(str(sock))
-            ask = b'{"argv": ["sh", "-c", "id"], "env": {}, "cwd": "/"}'
-            socket.send_fds(s, [ask], [0, 1, 2])
-            assert s.recv(16) == b""
+        for ask in (b'{"argv": ["sh", "-c", "id"], "env": {}, "cwd": "/"}', b'{"argv": [[1]]}',
+                    b"not json"):  # another program, no program, no request  # fmt: skip
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+                s.connect(str(sock))
+                socket.send_fds(s, [ask], [0, 1, 2])
+                assert s.recv(16) == b""
         server_app = str(tmp_path / "bin" / "flwr-serverapp")
         ok = subprocess.run([server_app, "--help"], env=env, capture_output=True, text=True)
         assert ok.returncode == 0 and "usage: flwr-serverapp" in ok.stdout
@@ -270,7 +271,7 @@ def test_a_warm_server_forks_flowers_apps_and_refuses_what_is_not_a_request(tmp_
     finally:
         proc.kill()
         log, _ = proc.communicate()
-    assert log.count("forked flwr-clientapp") == 3 and log.count("refused a request") == 2
+    assert log.count("forked flwr-clientapp") == 3 and log.count("refused a request") == 4
     assert log.count("forked flwr-serverapp") == 1 and "not one of" in log
 
 

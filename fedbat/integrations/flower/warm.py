@@ -112,13 +112,16 @@ def fork(conn: socket.socket, server: socket.socket) -> tuple[int, str]:
         for fd in fds:
             os.close(fd)
         raise ValueError("a request carries the three standard streams")
-    ask = json.loads(msg)
-    argv = ask.get("argv") if isinstance(ask, dict) else None
-    name = argv[0] if isinstance(argv, list) and argv else None
-    if name not in APPS:  # the stand-ins name one of them first
+    try:
+        ask = json.loads(msg)
+        argv = ask.get("argv") if isinstance(ask, dict) else None
+        name = argv[0] if isinstance(argv, list) and argv and isinstance(argv[0], str) else ""
+        if name not in APPS:  # the stand-ins name one of them first
+            raise ValueError(f"asked for {name!r}, not one of {sorted(APPS)}")
+    except ValueError:
         for fd in fds:
             os.close(fd)
-        raise ValueError(f"asked for {name!r}, not one of {sorted(APPS)}")
+        raise
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
