@@ -24,6 +24,7 @@ Version 1 packets are refused with one line.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -71,14 +72,16 @@ def pack(fields: dict[str, Fields], compressor: Compressor) -> Packet:
     joins the buffer of its (field, dtype) group, flattened; the layout says which tensor
     holds how many elements of which group."""
     buffers: dict[str, list[torch.Tensor]] = {}
-    layout = []
+    index: dict[str, int] = {}  # a group's position in ``buffers``
+    layout, payload = [], 0
     for fs in fields.values():
         entry = []
         for key, t in fs.items():
             group = f"{key}.{dtype_tag(t.dtype)}"
-            buffers.setdefault(group, []).append(t.detach().reshape(-1).cpu())
-            entry.append(f"{list(buffers).index(group)}:{t.numel()}")
-        layout.append("" if list(fs) == ["raw"] else ",".join(entry))  # raw: implied
+            buffers.setdefault(group, []).append(t.detach().reshape(-1))
+            entry.append(f"{index.setdefault(group, len(index))}:{t.numel()}")
+            payload += t.numel() * t.element_size() * 8
+        layout.append("" if len(fs) == 1 and "raw" in fs else ",".join(entry))  # raw: implied
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -87,7 +90,6 @@ def pack(fields: dict[str, Fields], compressor: Compressor) -> Packet:
         "groups": " ".join(buffers),
         "layout": ";".join(layout),
     }
-    payload = sum(t.numel() * t.element_size() * 8 for ts in buffers.values() for t in ts)
     return Packet(serialize(buffers, meta), payload)
 
 
@@ -102,21 +104,27 @@ def serialize(groups: dict[str, list[torch.Tensor]], meta: dict[str, str]) -> by
     >>> sorted(st_load(serialize(parts, {"k": "v"})).items())
     [('a.F32', tensor([1., 1., 0.])), ('b.U8', tensor([0, 1, 2], dtype=torch.uint8))]
     """
+    tags = {g: dtype_tag(ts[0].dtype) for g, ts in groups.items()}
     # safetensors' order: by dtype, later in its enumeration first, then by name
-    order = sorted(groups, key=lambda g: (-_ST_ORDER.index(dtype_tag(groups[g][0].dtype)), g))
+    order = sorted(groups, key=lambda g: (-_ST_ORDER.index(tags[g]), g))
     header: dict[str, object] = {"__metadata__": meta}
     offset = 0
     for g in order:
-        numel = sum(t.numel() for t in groups[g])
-        size = numel * groups[g][0].element_size()
-        tag = dtype_tag(groups[g][0].dtype)
-        header[g] = {"dtype": tag, "shape": [numel], "data_offsets": [offset, offset + size]}
+        size = sum(t.numel() for t in groups[g]) * groups[g][0].element_size()
+        header[g] = {"dtype": tags[g], "shape": [size // groups[g][0].element_size()],
+                     "data_offsets": [offset, offset + size]}  # fmt: skip
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % 8)
     parts = [len(text).to_bytes(8, "little"), text]
-    parts += [t.contiguous().view(torch.uint8).numpy().data for g in order for t in groups[g]]
+    parts += [_buffer(t) for g in order for t in groups[g]]
     return b"".join(parts)  # the tensors' own bytes, copied once
+
+
+def _buffer(t: torch.Tensor) -> object:
+    """``t``'s bytes without a copy (numpy knows no bfloat16: that goes as bytes)."""
+    t = t.cpu().contiguous()
+    return t.view(torch.uint8).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def unpack(data: bytes, plan: list[TensorSpec], compressor: Compressor) -> dict[str, Fields]:
@@ -181,6 +189,11 @@ def _split(
 def plan_digest(names: list[str]) -> str:
     """Eight hex digits naming the tensors a packet is for, in order: a packet of another
     model (or another policy) is refused, though names do not travel."""
+    return _digest(tuple(names))
+
+
+@functools.lru_cache(maxsize=64)  # a run's few plans, digested by every packet
+def _digest(names: tuple[str, ...]) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:8]
 
 

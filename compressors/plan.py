@@ -139,8 +139,7 @@ def load_model(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         and _loads_plainly(model, targets)
     ):
         with torch.no_grad():
-            for name, t in state.items():
-                targets[name].copy_(t)
+            torch._foreach_copy_([targets[n] for n in state], list(state.values()))
         return
     fill = {n: state[f] for n, f in tied.items() if n != f and f in state and n not in state}
     model.load_state_dict(state | fill)

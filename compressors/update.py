@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fedbat.compressors.base import Compressor, Fields, expect
+from fedbat.compressors.base import Compressor, Fields, all_finite, all_finite_in, expect
 from fedbat.compressors.memory import Memory
 from fedbat.compressors.packet import Packet, pack, unpack
 from fedbat.compressors.plan import TensorSpec
@@ -137,9 +137,14 @@ def decode_fields(
             else:
                 if set(fs) != {"raw"}:
                     raise PacketError(f"fields {sorted(fs)}, expected ['raw']")
-                update[spec.name] = expect(fs, "raw", spec.dtype, spec.numel).reshape(spec.shape)
+                raw = expect(fs, "raw", spec.dtype, spec.numel, finite=False)
+                update[spec.name] = raw.reshape(spec.shape)
         except PacketError as err:
             raise PacketError(f"{spec.name}: {err}") from None
+    raws = [s.name for s in plan if not s.compressed]
+    if not all_finite_in(update[n] for n in raws):
+        bad = next(n for n in raws if update[n].is_floating_point() and not all_finite(update[n]))
+        raise PacketError(f"{bad}: field 'raw': non-finite values")
     return update, stats
 
 

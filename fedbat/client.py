@@ -22,7 +22,7 @@ from fedbat.compressors import (
     decode_fields,
     encode_fields,
 )
-from fedbat.compressors.base import all_finite
+from fedbat.compressors.base import all_finite_in
 from fedbat.compressors.packet import pack
 from fedbat.compressors.plan import load_model
 from fedbat.compressors.update import SharedSeed
@@ -163,14 +163,16 @@ def train_client(setup: ClientSetup, job: ClientJob) -> ClientResult:
     latent = {k: v for h in hooks for k, v in h.latent().items()}
     train_loss = float(loss_sum) / max(cfg.steps(n), 1)
     state = task.state_dict()
-    update = {s.name: state[s.name].detach().cpu() - held[s.name] for s in plan}
+    names = [s.name for s in plan]
+    diffs = torch._foreach_sub([state[k].detach().cpu() for k in names], [held[k] for k in names])
+    update = dict(zip(names, diffs, strict=True))
     _check_frozen(state, held, update.keys() | setup.local_buffers)
     update |= latent
     for h in hooks:
         update = h.transform(update)
     sent = {k: update[k] for k in latent}
     preencoded = {k: v for h in hooks for k, v in h.encode_latent(sent).items()}
-    if not math.isfinite(train_loss) or not all(all_finite(u.float()) for u in update.values()):
+    if not math.isfinite(train_loss) or not all_finite_in(update.values()):
         why = f"non-finite local training (loss {train_loss})"
         return ClientResult(client=client, num_samples=n, train_loss=train_loss, failure=why)
     gen = generator(seed)

@@ -90,11 +90,11 @@ def check_scale(update: dict[str, torch.Tensor], bound: float) -> None:
     floats = [u for u in update.values() if u.is_floating_point()]
     # float32 norms first: their error is far below the factor 2, and an honest update is
     # orders of magnitude inside the bound; near it (or past float32) the exact one decides
-    if math.isfinite(bound) and not _norm(floats, torch.float32) <= bound / 2:
-        norm = _norm(floats, torch.float64)
-        if norm > bound:
+    if math.isfinite(bound) and not _norm32(floats) <= bound / 2:
+        exact = norm(floats)
+        if exact > bound:
             raise PacketError(
-                f"update norm {norm:.3g} exceeds the bound {bound:.3g} (fed.max_update_ratio)"
+                f"update norm {exact:.3g} exceeds the bound {bound:.3g} (fed.max_update_ratio)"
             )
     for name, u in update.items():
         if not u.is_floating_point() and u.numel() and int(u.abs().max()) > MAX_COUNTER_STEP:
@@ -109,11 +109,16 @@ def norm(tensors: list[torch.Tensor]) -> float:
     >>> norm([torch.tensor([3.0]), torch.tensor([4.0], dtype=torch.float16)])
     5.0
     """
-    return _norm(tensors, torch.float64)
-
-
-def _norm(tensors: list[torch.Tensor], dtype: torch.dtype) -> float:
     if not tensors:
         return 0.0
-    norms = torch.stack([torch.linalg.vector_norm(t, dtype=dtype) for t in tensors])
+    norms = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors])
     return float(torch.linalg.vector_norm(norms, dtype=torch.float64))
+
+
+def _norm32(tensors: list[torch.Tensor]) -> float:
+    """The float32 norm of all of ``tensors``, their norms in one call (float64 tensors,
+    which it cannot narrow, take :func:`norm`)."""
+    if not tensors or any(t.dtype == torch.float64 for t in tensors):
+        return norm(tensors)
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    return float(torch.linalg.vector_norm(torch.stack(norms), dtype=torch.float64))

@@ -123,13 +123,17 @@ def weighted_sum(
     tensor([2.5000, 0.5000], dtype=torch.float64)
     """
     acc: dict[str, torch.Tensor] = {}
-    term: dict[str, torch.Tensor] = {}  # one float64 product per tensor, reused by every update
+    term: list[torch.Tensor] = []  # one float64 product per tensor, reused by every update
     for update, w in zip(updates, weights, strict=True):
-        for name, v in update.items():
-            if name not in acc:
-                acc[name] = torch.zeros(v.shape, dtype=torch.float64)
-                term[name] = torch.empty(v.shape, dtype=torch.float64)
-            acc[name] += term[name].copy_(v).mul_(coef(name, w))
+        if not acc:
+            acc = {name: torch.zeros(v.shape, dtype=torch.float64) for name, v in update.items()}
+            term = [torch.empty(v.shape, dtype=torch.float64) for v in update.values()]
+        if update.keys() != acc.keys():
+            raise ValueError(f"an update of tensors {list(update)}, the first's {list(acc)}")
+        # one call per step for all tensors: a cross-device round sums a thousand updates
+        torch._foreach_copy_(term, [update[name] for name in acc])
+        torch._foreach_mul_(term, [coef(name, w) for name in acc])
+        torch._foreach_add_(list(acc.values()), term)
     return acc
 
 
