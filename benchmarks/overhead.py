@@ -77,7 +77,7 @@ def fedbat_round_seconds(regime: str, rounds: int, threads: int) -> list[float]:
 class PlainLoop:
     """The loop a researcher would write by hand: no compression, no bytes, no logging."""
 
-    def __init__(self, regime: str, threads: int) -> None:
+    def __init__(self, regime: str, threads: int, train: bool = True) -> None:
         from fedbat.datamodules import FederatedDataModule
         from fedbat.models import build
 
@@ -89,6 +89,7 @@ class PlainLoop:
         self.global_model = build("cnn4", (1, 28, 28), 10)
         self.model = copy.deepcopy(self.global_model)
         self.rng = np.random.default_rng(0)
+        self.train = train  # False: the round without its local steps (``fixed_cost``)
 
     def play_round(self) -> float:
         """One round; its seconds."""
@@ -102,13 +103,14 @@ class PlainLoop:
         for c, n in zip(clients, sizes, strict=True):
             self.model.load_state_dict(held)
             self.model.train()
-            opt = torch.optim.SGD(self.model.parameters(), lr=0.1)
-            idx = dm.client_indices[c]
-            for sel in idx[torch.randperm(len(idx))].split(64):
-                loss = F.cross_entropy(self.model(x[sel]), y[sel])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+            if self.train:
+                opt = torch.optim.SGD(self.model.parameters(), lr=0.1)
+                idx = dm.client_indices[c]
+                for sel in idx[torch.randperm(len(idx))].split(64):
+                    loss = F.cross_entropy(self.model(x[sel]), y[sel])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
             for k, v in self.model.state_dict().items():
                 avg[k] += (n / total) * v.float()
         self.global_model.load_state_dict({k: v.to(held[k].dtype) for k, v in avg.items()})
@@ -156,6 +158,41 @@ def paired_round_seconds(regime: str, rounds: int, threads: int) -> dict[str, li
                 fed.play_round(r) if kind == "fedbat" else plain.play_round()
                 times[kind].append(time.perf_counter() - t0)
         return times
+
+
+def fixed_cost(threads: int, rounds: int = 30) -> None:
+    """What a cross-device client costs besides its local steps, in each loop: rounds whose
+    clients skip their steps (and so all their optimizer work), a round of each in turn.
+    Without the training's noise, a difference of 0.1 ms a client shows."""
+    import fedbat.client
+
+    def no_steps(*_args: object) -> tuple[torch.Tensor, dict]:
+        return torch.zeros(()), {}
+
+    fedbat.client._local_epochs = no_steps  # type: ignore[assignment]
+    from omegaconf import open_dict
+
+    from fedbat.assembly import build_components, build_fabric
+    from fedbat.compose import compose
+    from fedbat.federation import Federation
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = compose(workload("cross-device", rounds, threads))
+        with open_dict(cfg):
+            cfg.run_dir = tmp
+        fed = Federation(build_components(cfg, build_fabric(cfg)))
+        plain = PlainLoop("cross-device", threads, train=False)
+        times: dict[str, list[float]] = {"plain": [], "fedbat": []}
+        for r in range(rounds):
+            t0 = time.perf_counter()
+            fed.play_round(r)
+            times["fedbat"].append(time.perf_counter() - t0)
+            times["plain"].append(plain.play_round())
+    per_round = REGIMES["cross-device"][1]
+    ms = {k: 1e3 * statistics.median(v[2:]) / per_round for k, v in times.items()}
+    print(f"a cross-device client besides its local steps, median of rounds 3-{rounds}:")
+    print(f"  plain PyTorch {ms['plain']:.2f} ms, fedbat {ms['fedbat']:.2f} ms: "
+          f"fedbat adds {ms['fedbat'] - ms['plain']:.2f} ms a client")  # fmt: skip
 
 
 WORKERS = {"plain": plain_round_seconds, "fedbat": fedbat_round_seconds}
@@ -233,9 +270,14 @@ def main() -> None:
     parser.add_argument("--regime", choices=[*REGIMES, "both"], default="both")
     parser.add_argument("--worker", choices=[*WORKERS, "paired"], help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="one cross-device round, by phase")
+    parser.add_argument(
+        "--fixed-cost", action="store_true", help="a cross-device client's cost besides its steps"
+    )
     args = parser.parse_args()
     if args.profile:
         return profile(args.threads)
+    if args.fixed_cost:
+        return fixed_cost(args.threads)
     if args.worker:
         if args.worker == "paired":
             times = paired_round_seconds(args.regime, args.rounds, args.threads)

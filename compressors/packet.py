@@ -78,7 +78,7 @@ def pack(fields: dict[str, Fields], compressor: Compressor) -> Packet:
         entry = []
         for key, t in fs.items():
             group = f"{key}.{dtype_tag(t.dtype)}"
-            buffers.setdefault(group, []).append(t.detach().reshape(-1))
+            buffers.setdefault(group, []).append(_flat(t))
             entry.append(f"{index.setdefault(group, len(index))}:{t.numel()}")
             payload += t.numel() * t.element_size() * 8
         layout.append("" if len(fs) == 1 and "raw" in fs else ",".join(entry))  # raw: implied
@@ -94,7 +94,8 @@ def pack(fields: dict[str, Fields], compressor: Compressor) -> Packet:
 
 
 def serialize(groups: dict[str, list[torch.Tensor]], meta: dict[str, str]) -> bytes:
-    """The safetensors file of one flat tensor per group (the concatenation of its parts),
+    """The safetensors file of one flat tensor per group (the concatenation of its parts,
+    contiguous rows on the CPU, as :func:`pack` makes them),
     laid out as ``safetensors.torch.save`` lays it out (tensors in its order, the header
     padded to 8 bytes) but joined part by part into one ``bytes``: no concatenated copy of
     a group is made, so a 400 MB packet costs its own bytes and one copy, not three times
@@ -121,9 +122,16 @@ def serialize(groups: dict[str, list[torch.Tensor]], meta: dict[str, str]) -> by
     return b"".join(parts)  # the tensors' own bytes, copied once
 
 
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as one contiguous row on the CPU, without a call where it already is one (a
+    packet holds a model's worth of fields, and most already are)."""
+    t = t.detach() if t.requires_grad else t
+    t = t if t.is_cpu else t.cpu()
+    return t if t.dim() == 1 and t.is_contiguous() else t.reshape(-1).contiguous()
+
+
 def _buffer(t: torch.Tensor) -> object:
     """``t``'s bytes without a copy (numpy knows no bfloat16: that goes as bytes)."""
-    t = t.cpu().contiguous()
     return t.view(torch.uint8).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 

@@ -90,7 +90,8 @@ def encode_fields(
             if feedback:
                 memory.update(holder, spec.name, x, link.decode(fields[spec.name], spec.shape))
         else:
-            fields[spec.name] = {"raw": update[spec.name].detach().reshape(-1).to(spec.dtype)}
+            raw = update[spec.name].detach().reshape(-1)
+            fields[spec.name] = {"raw": raw if raw.dtype == spec.dtype else raw.to(spec.dtype)}
     return fields
 
 
