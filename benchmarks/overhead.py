@@ -15,6 +15,10 @@ its loggers and checkpoints; both end with one test evaluation, batches of 1,024
 each regime's median s/round (rounds after each process's first), their ratio (targets:
 cross-silo <= 1.02, cross-device <= 1.03), the spread of the pairs' ratios and both peak RSS
 (target: fedbat within 1.1x). Run: python benchmarks/overhead.py
+
+``--noise`` pairs the plain loop with a second plain loop instead: the ratios a pairing
+shows with no difference to measure. ``--fixed-cost`` times a cross-device client besides
+its local steps in each loop, and ``--profile`` splits a fedbat round by phase.
 """
 
 from __future__ import annotations
@@ -134,11 +138,14 @@ def plain_round_seconds(regime: str, rounds: int, threads: int) -> list[float]:
     return times
 
 
-def paired_round_seconds(regime: str, rounds: int, threads: int) -> dict[str, list[float]]:
+def paired_round_seconds(
+    regime: str, rounds: int, threads: int, same: bool = False
+) -> dict[str, list[float]]:
     """Both loops in one process, a round of each in turn (which one goes first alternates):
     the machine's drifts and this process's kernel speed hit both alike, so each pair's
     ratio is fedbat's own cost. fedbat's round is ``Federation.play_round``, the span its
-    ``time/round_s`` covers."""
+    ``time/round_s`` covers. ``same``: a second plain loop in fedbat's place, whose ratio
+    to the first is the measurement's own noise."""
     from omegaconf import open_dict
 
     from fedbat.assembly import build_components, build_fabric
@@ -151,11 +158,15 @@ def paired_round_seconds(regime: str, rounds: int, threads: int) -> dict[str, li
             cfg.run_dir = tmp
         fed = Federation(build_components(cfg, build_fabric(cfg)))
         plain = PlainLoop(regime, threads)
+        other = PlainLoop(regime, threads) if same else None
         times: dict[str, list[float]] = {"plain": [], "fedbat": []}
         for r in range(rounds):
             for kind in ("plain", "fedbat") if r % 2 == 0 else ("fedbat", "plain"):
                 t0 = time.perf_counter()
-                fed.play_round(r) if kind == "fedbat" else plain.play_round()
+                if kind == "plain":
+                    plain.play_round()
+                else:
+                    other.play_round() if other else fed.play_round(r)
                 times[kind].append(time.perf_counter() - t0)
         return times
 
@@ -196,6 +207,7 @@ def fixed_cost(threads: int, rounds: int = 30) -> None:
 
 
 WORKERS = {"plain": plain_round_seconds, "fedbat": fedbat_round_seconds}
+PAIRED = ("paired", "paired-same")  # plain against fedbat; against a second plain loop
 
 
 def measure(kind: str, regime: str, rounds: int, threads: int) -> dict:
@@ -268,10 +280,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="processes timing both loops")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each run")
     parser.add_argument("--regime", choices=[*REGIMES, "both"], default="both")
-    parser.add_argument("--worker", choices=[*WORKERS, "paired"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=[*WORKERS, *PAIRED], help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="one cross-device round, by phase")
     parser.add_argument(
         "--fixed-cost", action="store_true", help="a cross-device client's cost besides its steps"
+    )
+    parser.add_argument(
+        "--noise", action="store_true", help="the same pairing, plain loop against plain loop"
     )
     args = parser.parse_args()
     if args.profile:
@@ -279,8 +294,9 @@ def main() -> None:
     if args.fixed_cost:
         return fixed_cost(args.threads)
     if args.worker:
-        if args.worker == "paired":
-            times = paired_round_seconds(args.regime, args.rounds, args.threads)
+        if args.worker in PAIRED:
+            same = args.worker == "paired-same"
+            times = paired_round_seconds(args.regime, args.rounds, args.threads, same)
         else:
             times = WORKERS[args.worker](args.regime, args.rounds, args.threads)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
@@ -295,13 +311,20 @@ def main() -> None:
     for regime in regimes:
         got: dict[str, list[float]] = {"plain": [], "fedbat": []}
         for _ in range(args.repeats):
-            times = measure("paired", regime, args.rounds, args.threads)["times"]
+            worker = "paired-same" if args.noise else "paired"
+            times = measure(worker, regime, args.rounds, args.threads)["times"]
             for kind in got:
                 got[kind] += times[kind][1:]  # each process's first round warms up
+        pairs = sorted(b / a for a, b in zip(got["plain"], got["fedbat"], strict=True))
+        if args.noise:
+            p, f = (statistics.median(got[k]) for k in ("plain", "fedbat"))
+            print(f"{regime}, plain loop against plain loop: ratio {f / p:.3f}; each round's "
+                  f"pair: median {statistics.median(pairs):.3f}, {pairs[0]:.3f} to "
+                  f"{pairs[-1]:.3f} over {len(pairs)} pairs")  # fmt: skip
+            continue
         # peak RSS: each loop alone in a fresh process, to its final evaluation
         rss = {k: measure(k, regime, 3, args.threads)["rss"] / 2**30 for k in WORKERS}
         p, f = (statistics.median(got[k]) for k in ("plain", "fedbat"))
-        pairs = sorted(b / a for a, b in zip(got["plain"], got["fedbat"], strict=True))
         clients, per_round = REGIMES[regime]
         print(f"{regime} ({clients} clients, {per_round} a round):")
         print(f"  plain PyTorch : {p:.3f} s/round, peak RSS {rss['plain']:.2f} GiB")
