@@ -16,7 +16,7 @@ from torch import nn
 from fedbat.errors import ConfigError, PacketError
 from fedbat.hooks import ClientHook, Fields
 
-__all__ = ["Compressor", "Fields", "all_finite", "all_finite_in", "expect"]
+__all__ = ["Compressor", "Fields", "all_finite", "all_finite_in", "expect", "float32_norm"]
 
 
 class Compressor:
@@ -123,9 +123,22 @@ def all_finite_in(tensors: Iterable[torch.Tensor]) -> bool:
     False
     """
     floats = [t for t in tensors if t.is_floating_point()]
-    narrow = [t for t in floats if t.dtype != torch.float64]
-    if narrow and len(narrow) == len(floats):
-        norms = torch._foreach_norm(narrow, 2, dtype=torch.float32)
-        if math.isfinite(torch.stack(norms).sum().item()):
-            return True
+    together = float32_norm(floats)
+    if together is not None and math.isfinite(together):
+        return True
     return all(all_finite(t) for t in floats)
+
+
+def float32_norm(tensors: list[torch.Tensor]) -> float | None:
+    """The L2 norm of all of the floating ``tensors`` together, from their float32 norms
+    taken in one call; None where one is float64 (it cannot be narrowed).
+
+    >>> float32_norm([torch.tensor([3.0]), torch.tensor([4.0], dtype=torch.float16)])
+    5.0
+    """
+    if any(t.dtype == torch.float64 for t in tensors):
+        return None
+    if not tensors:
+        return 0.0
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    return float(torch.linalg.vector_norm(torch.stack(norms), dtype=torch.float64))

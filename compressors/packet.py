@@ -111,9 +111,9 @@ def serialize(groups: dict[str, list[torch.Tensor]], meta: dict[str, str]) -> by
     header: dict[str, object] = {"__metadata__": meta}
     offset = 0
     for g in order:
-        size = sum(t.numel() for t in groups[g]) * groups[g][0].element_size()
-        header[g] = {"dtype": tags[g], "shape": [size // groups[g][0].element_size()],
-                     "data_offsets": [offset, offset + size]}  # fmt: skip
+        numel = sum(t.numel() for t in groups[g])
+        size = numel * groups[g][0].element_size()
+        header[g] = {"dtype": tags[g], "shape": [numel], "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % 8)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from fedbat.compressors import Compressor, TensorSpec, decode_update
+from fedbat.compressors.base import float32_norm
 from fedbat.compressors.update import SharedSeed
 from fedbat.errors import PacketError
 
@@ -90,7 +91,8 @@ def check_scale(update: dict[str, torch.Tensor], bound: float) -> None:
     floats = [u for u in update.values() if u.is_floating_point()]
     # float32 norms first: their error is far below the factor 2, and an honest update is
     # orders of magnitude inside the bound; near it (or past float32) the exact one decides
-    if math.isfinite(bound) and not _norm32(floats) <= bound / 2:
+    quick = float32_norm(floats) if math.isfinite(bound) else 0.0
+    if quick is None or not quick <= bound / 2:
         exact = norm(floats)
         if exact > bound:
             raise PacketError(
@@ -113,12 +115,3 @@ def norm(tensors: list[torch.Tensor]) -> float:
         return 0.0
     norms = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors])
     return float(torch.linalg.vector_norm(norms, dtype=torch.float64))
-
-
-def _norm32(tensors: list[torch.Tensor]) -> float:
-    """The float32 norm of all of ``tensors``, their norms in one call (float64 tensors,
-    which it cannot narrow, take :func:`norm`)."""
-    if not tensors or any(t.dtype == torch.float64 for t in tensors):
-        return norm(tensors)
-    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
-    return float(torch.linalg.vector_norm(torch.stack(norms), dtype=torch.float64))

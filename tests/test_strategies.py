@@ -352,3 +352,12 @@ def test_scaffold_traffic_goes_through_the_compressors_and_is_counted(tmp_path):
     (avg_up, avg_down), (sc_up, sc_down) = bits["fedavg"], bits["scaffold"]
     assert 1.5 * avg_up < sc_up < 3 * avg_up  # a second, equally compressed model's worth
     assert 1.5 * avg_down < sc_down < 3 * avg_down
+
+
+def test_weighted_sum_refuses_updates_of_other_tensors():
+    from fedbat.strategies.base import weighted_sum
+
+    ups = [{"w": torch.ones(2), "b": torch.ones(1)}, {"b": torch.ones(1), "w": torch.ones(2)}]
+    assert weighted_sum(ups, [1, 1], lambda _n, w: w / 2)["w"].tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="an update of tensors"):
+        weighted_sum([{"w": torch.ones(2)}, {"v": torch.ones(2)}], [1, 1], lambda _n, w: w)
